@@ -1,0 +1,290 @@
+"""The NumPy engine: the CPU fallback and the reference the CUDA engine is tested against.
+
+Every op works on whole arrays: im2col through strided views and one (batched) BLAS matmul per
+call; Python loops run only over kernel taps or stride phases, never over pixels.
+
+Layout conventions inside this file (G = groups, Cg = C/G, Kg = K/G):
+    x  (N, C, H, W)        w  (K, Cg, R, S)        y, dy  (N, K, P, Q)
+    col (G, Cg*R*S, N*P*Q) -- the im2col matrix, one GEMM operand per group
+Inputs are validated by the caller (gpuconv.functional); they may be non-contiguous.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ..problem import ConvProblem, PoolProblem
+
+name = "numpy"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _pad(x, top, bottom, left, right, value=0.0):
+    if top == bottom == left == right == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=value)
+
+
+def _tap(xp, p: ConvProblem, r, s):
+    """(N, C, P, Q) view of the padded input that kernel tap (r, s) multiplies."""
+    h0, w0 = r * p.dil_h, s * p.dil_w
+    return xp[:, :, h0:h0 + p.stride_h * (p.P - 1) + 1:p.stride_h,
+              w0:w0 + p.stride_w * (p.Q - 1) + 1:p.stride_w]
+
+
+def _im2col(p: ConvProblem, x):
+    """col (G, Cg*R*S, N*P*Q): column (n, p, q) holds the receptive field of output (n, p, q)."""
+    xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
+    sN, sC, sH, sW = xp.strides
+    view = as_strided(xp, shape=(p.groups, p.Cg, p.R, p.S, p.N, p.P, p.Q),
+                      strides=(sC * p.Cg, sC, sH * p.dil_h, sW * p.dil_w, sN,
+                               sH * p.stride_h, sW * p.stride_w), writeable=False)
+    return view.reshape(p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q)
+
+
+def _gemm_to_nchw(y_gkm, p: ConvProblem, bias=None):
+    """(G, Kg, N*P*Q) GEMM result -> contiguous (N, K, P, Q), bias added in the same pass."""
+    y_t = y_gkm.reshape(p.K, p.N, p.P, p.Q).transpose(1, 0, 2, 3)
+    out = np.empty((p.N, p.K, p.P, p.Q), dtype=y_gkm.dtype)
+    if bias is None:
+        np.copyto(out, y_t)
+    else:
+        np.add(y_t, bias.reshape(1, p.K, 1, 1), out=out)
+    return out
+
+
+def _is_pointwise(p: ConvProblem):
+    return p.R == p.S == 1 and p.pad_h == p.pad_w == p.pad_h_end == p.pad_w_end == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fprop: y = conv(x, w) + b
+# ---------------------------------------------------------------------------------------------
+def conv_fprop(p: ConvProblem, x, w, bias=None):
+    if p.is_depthwise:
+        return _fprop_depthwise(p, x, w, bias)
+    wg = w.reshape(p.groups, p.Kg, p.Cg * p.R * p.S)
+    if _is_pointwise(p):
+        # 1x1: the input (subsampled for stride > 1) already is the GEMM operand, per image.
+        xs = x[:, :, ::p.stride_h, ::p.stride_w]
+        xs = np.ascontiguousarray(xs).reshape(p.N, p.groups, p.Cg, p.P * p.Q)
+        y = np.matmul(wg, xs).reshape(p.y_shape)  # (N, G, Kg, PQ): already NCHW
+        if bias is not None:
+            y += bias.reshape(1, p.K, 1, 1)
+        return y
+    return _gemm_to_nchw(np.matmul(wg, _im2col(p, x)), p, bias)
+
+
+def _fprop_depthwise(p: ConvProblem, x, w, bias):
+    """Cg == 1: a multiply-add per kernel tap over whole (N, C, P, Q) arrays, no GEMM."""
+    xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
+    y = np.zeros((p.N, p.groups, p.Kg, p.P, p.Q), dtype=x.dtype)
+    tmp = np.empty_like(y)
+    wv = w.reshape(p.groups, p.Kg, p.R, p.S)
+    for r in range(p.R):
+        for s in range(p.S):
+            xs = _tap(xp, p, r, s)[:, :, None]  # (N, G, 1, P, Q)
+            np.multiply(xs, wv[None, :, :, r, s, None, None], out=tmp)
+            y += tmp
+    y = y.reshape(p.y_shape)
+    if bias is not None:
+        y += bias.reshape(1, p.K, 1, 1)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# wgrad: dw = conv(x, dy) -- the column matrix times dy, summed over N*P*Q
+# ---------------------------------------------------------------------------------------------
+def conv_wgrad(p: ConvProblem, x, dy):
+    if p.is_depthwise:
+        return _wgrad_depthwise(p, x, dy)
+    if _is_pointwise(p):
+        xs = x[:, :, ::p.stride_h, ::p.stride_w]
+        xs = np.ascontiguousarray(xs).reshape(p.N, p.groups, p.Cg, p.P * p.Q)
+        dyg = dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q)
+        dw = np.matmul(dyg, xs.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, Kg, Cg)
+        return dw.reshape(p.w_shape)
+    # dy as (G, Kg, N*P*Q), the same column order as _im2col
+    dy_t = np.ascontiguousarray(dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q).transpose(1, 2, 0, 3))
+    dy_t = dy_t.reshape(p.groups, p.Kg, p.N * p.P * p.Q)
+    dw = np.matmul(dy_t, _im2col(p, x).transpose(0, 2, 1))  # (G, Kg, Cg*R*S)
+    return dw.reshape(p.w_shape)
+
+
+def _wgrad_depthwise(p: ConvProblem, x, dy):
+    xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
+    dy5 = dy.reshape(p.N, p.groups, p.Kg, p.P, p.Q)
+    dw = np.empty((p.groups, p.Kg, p.R, p.S), dtype=dy.dtype)
+    for r in range(p.R):
+        for s in range(p.S):
+            dw[:, :, r, s] = np.einsum("ngkpq,ngpq->gk", dy5, _tap(xp, p, r, s))
+    return dw.reshape(p.w_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# dgrad: dx = conv(pad(stride-dilate(dy)), mirror(w)), by stride phases
+# ---------------------------------------------------------------------------------------------
+def _phase_taps(size, pad, k, dil, stride, out_size):
+    """Split one axis of dgrad into stride phases.
+
+    Input index h = ph + stride*i (i = 0..n_i-1) receives dy[p] * w[r] exactly when
+    h + pad = p*stride + r*dil, i.e. p = off_r + i with off_r = (ph + pad - r*dil) / stride an
+    integer. Only those taps are listed, so the stride zeros of the dilated dy are never touched.
+    Taps are ordered by rising offset = falling r: the mirrored (180-degree rotated) kernel.
+    Returns [(ph, n_i, [(r, off_r), ...])] and the (lo, hi) zero padding dy needs.
+    """
+    phases, lo, hi = [], 0, 0
+    for ph in range(stride):
+        n_i = -(-(size - ph) // stride) if ph < size else 0
+        taps = [(r, (ph + pad - r * dil) // stride) for r in reversed(range(k))
+                if (ph + pad - r * dil) % stride == 0]
+        if n_i and taps:
+            lo = max(lo, -min(off for _, off in taps))
+            hi = max(hi, max(off for _, off in taps) + n_i - out_size)
+        phases.append((ph, n_i, taps))
+    return phases, lo, hi
+
+
+def conv_dgrad(p: ConvProblem, w, dy):
+    ph_h, lo_h, hi_h = _phase_taps(p.H, p.pad_h, p.R, p.dil_h, p.stride_h, p.P)
+    ph_w, lo_w, hi_w = _phase_taps(p.W, p.pad_w, p.S, p.dil_w, p.stride_w, p.Q)
+    # Boundary zeros (the "padded" dy); rows no window reached read only these and get exact 0.
+    dyp = _pad(dy, lo_h, hi_h, lo_w, hi_w)
+    dx = np.zeros(p.x_shape, dtype=dy.dtype)
+    w6 = w.reshape(p.groups, p.Kg, p.Cg, p.R, p.S)
+    for h0, n_i, taps_h in ph_h:
+        for w0, n_j, taps_w in ph_w:
+            if not (n_i and n_j and taps_h and taps_w):
+                continue  # no tap reaches these input pixels: dx stays exactly 0
+            out = (_dgrad_phase_depthwise if p.is_depthwise else _dgrad_phase_gemm)(
+                p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w)
+            dx[:, :, h0::p.stride_h, w0::p.stride_w] = out
+    return dx
+
+
+def _dy_tap(dyp, off_h, off_w, n_i, n_j):
+    return dyp[:, :, off_h:off_h + n_i, off_w:off_w + n_j]
+
+
+def _dgrad_phase_gemm(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w):
+    """One stride phase as one batched GEMM: (G, Cg, Kg*T) @ (G, Kg*T, N*I*J)."""
+    th, tw = len(taps_h), len(taps_w)
+    col = np.empty((p.groups, p.Kg, th, tw, p.N, n_i, n_j), dtype=dyp.dtype)
+    for a, (_, oh) in enumerate(taps_h):
+        for b, (_, ow) in enumerate(taps_w):
+            v = _dy_tap(dyp, lo_h + oh, lo_w + ow, n_i, n_j)  # (N, K, I, J)
+            col[:, :, a, b] = v.reshape(p.N, p.groups, p.Kg, n_i, n_j).transpose(1, 2, 0, 3, 4)
+    rs_h = [r for r, _ in taps_h]
+    rs_w = [s for s, _ in taps_w]
+    wsub = w6[:, :, :, rs_h][:, :, :, :, rs_w]  # (G, Kg, Cg, th, tw), mirrored tap order
+    wsub = wsub.transpose(0, 2, 1, 3, 4).reshape(p.groups, p.Cg, p.Kg * th * tw)
+    out = np.matmul(wsub, col.reshape(p.groups, p.Kg * th * tw, p.N * n_i * n_j))
+    return out.reshape(p.C, p.N, n_i, n_j).transpose(1, 0, 2, 3)
+
+
+def _dgrad_phase_depthwise(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w):
+    out = np.zeros((p.N, p.groups, n_i, n_j), dtype=dyp.dtype)
+    for r, oh in taps_h:
+        for s, ow in taps_w:
+            v = _dy_tap(dyp, lo_h + oh, lo_w + ow, n_i, n_j).reshape(
+                p.N, p.groups, p.Kg, n_i, n_j)
+            wk = w6[:, :, 0, r, s]  # (G, Kg)
+            if p.Kg == 1:
+                out += v[:, :, 0] * wk[None, :, 0, None, None]
+            else:
+                out += np.einsum("ngkij,gk->ngij", v, wk)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# max pooling (PyTorch semantics: padding is -inf; the first maximum in row-major order wins;
+# NaN propagates and the first NaN wins)
+# ---------------------------------------------------------------------------------------------
+def pool_fprop(pp: PoolProblem, x):
+    """Returns y (N, C, P, Q) and idx (N, C, P, Q) int64: h*W + w of the max in the input plane."""
+    xp = _pad(x, pp.pad_h, pp.pad_h_end, pp.pad_w, pp.pad_w_end, value=-np.inf)
+    sN, sC, sH, sW = xp.strides
+    win = as_strided(xp, shape=(pp.N, pp.C, pp.P, pp.Q, pp.R, pp.S),
+                     strides=(sN, sC, sH * pp.stride_h, sW * pp.stride_w,
+                              sH * pp.dil_h, sW * pp.dil_w), writeable=False)
+    win = win.reshape(pp.N, pp.C, pp.P, pp.Q, pp.R * pp.S)
+    k = np.argmax(win, axis=-1)  # first max; NaN counts as the max and the first NaN wins
+    y = np.take_along_axis(win, k[..., None], axis=-1)[..., 0]
+    hh = (np.arange(pp.P) * pp.stride_h - pp.pad_h)[:, None] + (k // pp.S) * pp.dil_h
+    ww = (np.arange(pp.Q) * pp.stride_w - pp.pad_w)[None, :] + (k % pp.S) * pp.dil_w
+    outside = (hh < 0) | (hh >= pp.H) | (ww < 0) | (ww >= pp.W)
+    if outside.any():
+        # Only when every real element of the window is -inf (padding ties with it): like
+        # PyTorch, credit the first in-bounds element of the window.
+        h_first = _first_inside(np.arange(pp.P) * pp.stride_h - pp.pad_h, pp.dil_h)
+        w_first = _first_inside(np.arange(pp.Q) * pp.stride_w - pp.pad_w, pp.dil_w)
+        hh = np.where(outside, h_first[:, None], hh)
+        ww = np.where(outside, w_first[None, :], ww)
+    return y, (hh * pp.W + ww).astype(np.int64)
+
+
+def _first_inside(start, dil):
+    return np.where(start >= 0, start, start + (-(start) + dil - 1) // dil * dil)
+
+
+def pool_dgrad(pp: PoolProblem, dy, idx):
+    """Gather-free on the CPU: a deterministic histogram of dy onto the argmax positions."""
+    nc = pp.N * pp.C
+    plane = pp.H * pp.W
+    flat = (idx.reshape(nc, -1) + (np.arange(nc) * plane)[:, None]).ravel()
+    dx = np.bincount(flat, weights=dy.reshape(-1).astype(np.float64), minlength=nc * plane)
+    return dx.astype(dy.dtype).reshape(pp.x_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------------------------
+def act_fprop(kind, x, alpha=None):
+    with np.errstate(over="ignore", invalid="ignore"):
+        if kind == "relu":
+            return np.maximum(x, 0, dtype=x.dtype)  # NaN propagates
+        if kind == "leaky_relu":
+            return np.where(x > 0, x, x * x.dtype.type(alpha))
+        if kind == "sigmoid":
+            e = np.exp(-np.abs(x))  # never overflows
+            return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+        if kind == "tanh":
+            return np.tanh(x)
+        if kind == "elu":
+            return np.where(x > 0, x, x.dtype.type(alpha) * np.expm1(np.minimum(x, 0)))
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def act_dgrad(kind, x, y, dy, alpha=None):
+    """dx from the forward input x, output y and upstream dy (PyTorch's choice at kinks)."""
+    t = x.dtype.type
+    if kind == "relu":
+        return np.where(x > 0, dy, t(0))
+    if kind == "leaky_relu":
+        return np.where(x > 0, dy, dy * t(alpha))
+    if kind == "sigmoid":
+        return dy * y * (1 - y)
+    if kind == "tanh":
+        return dy * (1 - y * y)
+    if kind == "elu":
+        return np.where(x > 0, dy, dy * (y + t(alpha)))
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def maxout_fprop(x, pieces, axis):
+    """Groups of `pieces` consecutive entries along `axis`; y = group max, idx = winner in group."""
+    shape = x.shape[:axis] + (x.shape[axis] // pieces, pieces) + x.shape[axis + 1:]
+    xg = x.reshape(shape)
+    k = np.argmax(xg, axis=axis + 1)  # first max; first NaN wins
+    y = np.take_along_axis(xg, np.expand_dims(k, axis + 1), axis=axis + 1)
+    return np.squeeze(y, axis + 1), k
+
+
+def maxout_dgrad(dy, idx, pieces, axis, x_shape):
+    shape = dy.shape[:axis] + (dy.shape[axis], pieces) + dy.shape[axis + 1:]
+    dx = np.zeros(shape, dtype=dy.dtype)
+    np.put_along_axis(dx, np.expand_dims(idx, axis + 1), np.expand_dims(dy, axis + 1),
+                      axis=axis + 1)
+    return dx.reshape(x_shape)

@@ -1,0 +1,305 @@
+"""One description of a convolution (and of a pooling window) that drives every engine.
+
+Letters as CUTLASS and cuDNN use them::
+
+    input  x : N x C x H x W
+    weight w : K x (C / groups) x R x S
+    output y : N x K x P x Q
+
+    P = (H + pad_h + pad_h_end - dil_h * (R - 1) - 1) // stride_h + 1      (Q likewise)
+
+This module is the only place that computes P and Q (and the pooling output size). Arguments are
+validated here, once; engines and kernels receive a valid problem and never re-derive its sizes.
+Padding may be asymmetric only through ``padding='same'`` with an even effective kernel, where,
+as in PyTorch, the extra row/column goes at the bottom/right (``pad_h_end = pad_h + 1``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numbers
+
+OPS = ("fprop", "dgrad", "wgrad")
+
+
+def _pair(value, name, *, allow_zero=False):
+    """An int or an (h, w) pair of ints -> (h, w); ValueError/TypeError naming `name`."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
+        pair = tuple(value)
+    else:
+        pair = (value, value)
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    lo = 0 if allow_zero else 1
+    if min(pair) < lo:
+        what = "non-negative" if allow_zero else ">= 1"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _shape(shape, name, rank):
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a shape (a tuple of {rank} ints), got {shape!r}") from None
+    if len(shape) != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {shape}")
+    if min(shape) < 1:
+        raise ValueError(f"{name} must have positive sizes, got shape {shape}")
+    return shape
+
+
+@dataclass(frozen=True)
+class ConvProblem:
+    """A validated 2-D convolution problem; the fields are plain ints."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    pad_h: int = 0
+    pad_w: int = 0
+    stride_h: int = 1
+    stride_w: int = 1
+    dil_h: int = 1
+    dil_w: int = 1
+    groups: int = 1
+    pad_h_end: int | None = None
+    pad_w_end: int | None = None
+
+    def __post_init__(self):
+        if self.pad_h_end is None:
+            object.__setattr__(self, "pad_h_end", self.pad_h)
+        if self.pad_w_end is None:
+            object.__setattr__(self, "pad_w_end", self.pad_w)
+        for f in ("N", "C", "H", "W", "K", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w",
+                  "groups"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        for f in ("pad_h", "pad_w", "pad_h_end", "pad_w_end"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"padding must be non-negative, got {f}={getattr(self, f)}")
+        if self.C % self.groups:
+            raise ValueError(f"in_channels ({self.C}) must be divisible by groups ({self.groups})")
+        if self.K % self.groups:
+            raise ValueError(f"out_channels ({self.K}) must be divisible by groups ({self.groups})")
+        for (size, pad0, pad1, k, dil, axis) in (
+                (self.H, self.pad_h, self.pad_h_end, self.R, self.dil_h, "height"),
+                (self.W, self.pad_w, self.pad_w_end, self.S, self.dil_w, "width")):
+            extent = dil * (k - 1) + 1
+            if extent > size + pad0 + pad1:
+                raise ValueError(
+                    f"kernel {axis} with dilation ({extent}) is larger than the padded input "
+                    f"{axis} ({size} + padding {pad0 + pad1} = {size + pad0 + pad1})")
+
+    # ---- construction from the public API's arguments ----------------------------------------
+    @classmethod
+    def from_args(cls, input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+        """Validate the arguments of ``conv2d`` & co. and build the problem.
+
+        ``padding`` is an int, an (h, w) pair, ``'valid'`` (0) or ``'same'`` (stride 1 only;
+        output size equals input size, the odd extra pad at the bottom/right as in PyTorch).
+        """
+        N, C, H, W = _shape(input_shape, "input", 4)
+        K, Cg, R, S = _shape(weight_shape, "weight", 4)
+        stride_h, stride_w = _pair(stride, "stride")
+        dil_h, dil_w = _pair(dilation, "dilation")
+        if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        groups = int(groups)
+        if C % groups:
+            raise ValueError(f"in_channels ({C}) must be divisible by groups ({groups})")
+        if Cg * groups != C:
+            raise ValueError(
+                f"weight has {Cg} input channels per group but input has {C} channels with "
+                f"groups={groups}: expected weight.shape[1] == {C // groups}")
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = (0, 0, 0, 0)
+            elif padding == "same":
+                if (stride_h, stride_w) != (1, 1):
+                    raise ValueError("padding='same' requires stride 1, got stride="
+                                     f"{(stride_h, stride_w)}")
+                th, tw = dil_h * (R - 1), dil_w * (S - 1)
+                pads = (th // 2, tw // 2, th - th // 2, tw - tw // 2)
+            else:
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', "
+                                 f"got {padding!r}")
+        else:
+            ph, pw = _pair(padding, "padding", allow_zero=True)
+            pads = (ph, pw, ph, pw)
+        return cls(N, C, H, W, K, R, S, pads[0], pads[1], stride_h, stride_w, dil_h, dil_w,
+                   groups, pads[2], pads[3])
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    @property
+    def P(self) -> int:
+        return (self.H + self.pad_h + self.pad_h_end - self.dil_h * (self.R - 1) - 1) \
+            // self.stride_h + 1
+
+    @property
+    def Q(self) -> int:
+        return (self.W + self.pad_w + self.pad_w_end - self.dil_w * (self.S - 1) - 1) \
+            // self.stride_w + 1
+
+    @property
+    def Cg(self) -> int:
+        """Input channels per group."""
+        return self.C // self.groups
+
+    @property
+    def Kg(self) -> int:
+        """Output channels per group."""
+        return self.K // self.groups
+
+    @property
+    def x_shape(self):
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def w_shape(self):
+        return (self.K, self.Cg, self.R, self.S)
+
+    @property
+    def y_shape(self):
+        return (self.N, self.K, self.P, self.Q)
+
+    @property
+    def symmetric_padding(self) -> bool:
+        return self.pad_h == self.pad_h_end and self.pad_w == self.pad_w_end
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups > 1 and self.Cg == 1
+
+    def gemm_shape(self, op: str):
+        """(batch, M, N, K) of the op as a GEMM per group (implicit-GEMM view, as CUTLASS)."""
+        g = self.groups
+        if op == "fprop":
+            return (g, self.N * self.P * self.Q, self.Kg, self.Cg * self.R * self.S)
+        if op == "dgrad":
+            return (g, self.N * self.H * self.W, self.Cg, self.Kg * self.R * self.S)
+        if op == "wgrad":
+            return (g, self.Kg, self.Cg * self.R * self.S, self.N * self.P * self.Q)
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+    def flops(self, op: str = "fprop") -> int:
+        """Multiply-adds x 2; the same for all three ops (stride zeros are not counted)."""
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        return 2 * self.N * self.K * self.Cg * self.R * self.S * self.P * self.Q
+
+    def bytes_moved(self, op: str = "fprop", itemsize: int = 4) -> int:
+        """Minimum DRAM traffic: each operand read once and the result written once."""
+        x = self.N * self.C * self.H * self.W
+        w = self.K * self.Cg * self.R * self.S
+        y = self.N * self.K * self.P * self.Q
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        return (x + w + y) * itemsize
+
+    def im2col_elements(self) -> int:
+        """Elements of the explicit column matrix (C*R*S) x (N*P*Q) of the im2col algorithm."""
+        return self.C * self.R * self.S * self.N * self.P * self.Q
+
+    def with_batch(self, n: int) -> "ConvProblem":
+        """The same problem on a batch of `n` (used to chunk the batch)."""
+        d = dict(self.__dict__)
+        d["N"] = int(n)
+        return ConvProblem(**d)
+
+    def __str__(self):
+        s = (f"N{self.N} C{self.C} H{self.H} W{self.W} K{self.K} R{self.R} S{self.S} "
+             f"stride{self.stride_h}x{self.stride_w} pad{self.pad_h}x{self.pad_w}")
+        if not self.symmetric_padding:
+            s += f"(end {self.pad_h_end}x{self.pad_w_end})"
+        return s + f" dil{self.dil_h}x{self.dil_w} g{self.groups} -> P{self.P} Q{self.Q}"
+
+
+@dataclass(frozen=True)
+class PoolProblem:
+    """A validated 2-D max-pooling problem with PyTorch's semantics (padding is -inf)."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    R: int
+    S: int
+    stride_h: int
+    stride_w: int
+    pad_h: int = 0
+    pad_w: int = 0
+    dil_h: int = 1
+    dil_w: int = 1
+    ceil_mode: bool = False
+
+    @classmethod
+    def from_args(cls, input_shape, kernel_size, stride=None, padding=0, dilation=1,
+                  ceil_mode=False):
+        N, C, H, W = _shape(input_shape, "input", 4)
+        R, S = _pair(kernel_size, "kernel_size")
+        sh, sw = _pair(kernel_size if stride is None else stride, "stride")
+        ph, pw = _pair(padding, "padding", allow_zero=True)
+        dh, dw = _pair(dilation, "dilation")
+        if ph > R // 2 or pw > S // 2:
+            raise ValueError(f"padding should be at most half of kernel_size, got padding="
+                             f"{(ph, pw)} for kernel_size={(R, S)}")
+        p = cls(N, C, H, W, R, S, sh, sw, ph, pw, dh, dw, bool(ceil_mode))
+        if p.P < 1 or p.Q < 1:
+            raise ValueError(f"max_pool2d: output size would be {p.P}x{p.Q} for input "
+                             f"{H}x{W}, kernel_size={(R, S)}, padding={(ph, pw)}, "
+                             f"dilation={(dh, dw)}: the window is larger than the padded input")
+        return p
+
+    @staticmethod
+    def _out(size, k, s, pad, dil, ceil_mode):
+        span = size + 2 * pad - dil * (k - 1) - 1
+        if span < 0:
+            return 0
+        out = (-(-span // s) if ceil_mode else span // s) + 1
+        # PyTorch's rule: the last window must start inside the input or the left padding.
+        if ceil_mode and (out - 1) * s >= size + pad:
+            out -= 1
+        return out
+
+    @property
+    def P(self) -> int:
+        return self._out(self.H, self.R, self.stride_h, self.pad_h, self.dil_h, self.ceil_mode)
+
+    @property
+    def Q(self) -> int:
+        return self._out(self.W, self.S, self.stride_w, self.pad_w, self.dil_w, self.ceil_mode)
+
+    @property
+    def x_shape(self):
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def y_shape(self):
+        return (self.N, self.C, self.P, self.Q)
+
+    @property
+    def pad_h_end(self) -> int:
+        """Rows of -inf needed below the input so that every window lies inside the array."""
+        return max(0, (self.P - 1) * self.stride_h + self.dil_h * (self.R - 1) + 1
+                   - self.H - self.pad_h)
+
+    @property
+    def pad_w_end(self) -> int:
+        return max(0, (self.Q - 1) * self.stride_w + self.dil_w * (self.S - 1) + 1
+                   - self.W - self.pad_w)
+
+
+def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
+    """Output length of one axis, for users and layers (delegates to ConvProblem)."""
+    p = ConvProblem(1, 1, size, 1, 1, kernel, 1, padding, 0, stride, 1, dilation, 1)
+    return p.P
+
+
+__all__ = ["ConvProblem", "PoolProblem", "conv_output_size", "OPS"]
