@@ -1,0 +1,210 @@
+"""The NumPy engine against the naive loop reference and central finite differences (float64)."""
+import numpy as np
+import pytest
+
+import gpuconv as gc
+from gpuconv.problem import ConvProblem
+
+from . import naive
+from .problems import IDS, PROBLEMS
+
+
+def _data(rng, x_shape, w_shape, dtype=np.float64):
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    return x, w, b
+
+
+def _problem(x_shape, w_shape, kw):
+    return ConvProblem.from_args(x_shape, w_shape, kw.get("stride", 1), kw.get("padding", 0),
+                                 kw.get("dilation", 1), kw.get("groups", 1))
+
+
+@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
+def test_three_ops_match_naive_loops_float64(case):
+    _, x_shape, w_shape, kw = case
+    rng = np.random.default_rng(1)
+    x, w, b = _data(rng, x_shape, w_shape)
+    p = _problem(x_shape, w_shape, kw)
+    dy = rng.standard_normal(p.y_shape)
+
+    y = gc.conv2d(x, w, b, **kw)
+    assert y.shape == p.y_shape and y.dtype == np.float64
+    np.testing.assert_allclose(y, naive.conv_fprop(p, x, w, b), rtol=1e-12, atol=1e-12)
+
+    dx = gc.conv2d_grad_input(x_shape, w, dy, **kw)
+    np.testing.assert_allclose(dx, naive.conv_dgrad(p, w, dy), rtol=1e-12, atol=1e-12)
+
+    dw = gc.conv2d_grad_weight(x, w_shape, dy, **kw)
+    np.testing.assert_allclose(dw, naive.conv_wgrad(p, x, dy), rtol=1e-12, atol=1e-12)
+
+
+def _random_problems(count, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < count:
+        g = int(rng.choice([1, 1, 2, 3]))
+        cg, kg = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        R, S = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        kw = dict(stride=(int(rng.integers(1, 4)), int(rng.integers(1, 4))),
+                  padding=(int(rng.integers(0, 3)), int(rng.integers(0, 3))),
+                  dilation=(int(rng.integers(1, 3)), int(rng.integers(1, 3))), groups=g)
+        x_shape = (int(rng.integers(1, 3)), cg * g, int(rng.integers(1, 13)),
+                   int(rng.integers(1, 13)))
+        try:
+            _problem(x_shape, (kg * g, cg, R, S), kw)
+        except ValueError:
+            continue  # kernel larger than the padded input: drawn again
+        out.append((x_shape, (kg * g, cg, R, S), kw))
+    return out
+
+
+@pytest.mark.parametrize("case", _random_problems(40, seed=7))
+def test_random_shapes_match_naive_loops(case):
+    x_shape, w_shape, kw = case
+    rng = np.random.default_rng(2)
+    x, w, b = _data(rng, x_shape, w_shape)
+    p = _problem(x_shape, w_shape, kw)
+    dy = rng.standard_normal(p.y_shape)
+    np.testing.assert_allclose(gc.conv2d(x, w, b, **kw), naive.conv_fprop(p, x, w, b),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gc.conv2d_grad_input(x_shape, w, dy, **kw),
+                               naive.conv_dgrad(p, w, dy), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gc.conv2d_grad_weight(x, w_shape, dy, **kw),
+                               naive.conv_wgrad(p, x, dy), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", PROBLEMS[:12] + PROBLEMS[15:18], ids=IDS[:12] + IDS[15:18])
+def test_float32_close_to_float64_reference(case):
+    _, x_shape, w_shape, kw = case
+    rng = np.random.default_rng(3)
+    x, w, b = _data(rng, x_shape, w_shape)
+    p = _problem(x_shape, w_shape, kw)
+    dy = rng.standard_normal(p.y_shape)
+    f32 = [a.astype(np.float32) for a in (x, w, b, dy)]
+    x32, w32, b32, dy32 = f32
+    # float32 inputs rounded once, accumulation in float32: error ~ sqrt(terms) * eps32
+    for got, want in ((gc.conv2d(x32, w32, b32, **kw), naive.conv_fprop(p, x32, w32, b32)),
+                      (gc.conv2d_grad_input(x_shape, w32, dy32, **kw),
+                       naive.conv_dgrad(p, w32, dy32)),
+                      (gc.conv2d_grad_weight(x32, w_shape, dy32, **kw),
+                       naive.conv_wgrad(p, x32, dy32))):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _central_difference(f, a, eps=1e-6):
+    """d f / d a for scalar f by central differences, every element of a."""
+    g = np.zeros_like(a)
+    flat, gflat = a.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f()
+        flat[i] = old - eps
+        fm = f()
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+FD_CASES = ["basic3x3", "stride2_uncovered", "stride3_pad2", "dil2_stride2", "groups3_stride2",
+            "depthwise_mult2_s2", "pointwise_s2", "same_even", "pairs"]
+
+
+@pytest.mark.parametrize("name", FD_CASES)
+def test_gradients_match_finite_differences(name):
+    _, x_shape, w_shape, kw = PROBLEMS[IDS.index(name)]
+    rng = np.random.default_rng(4)
+    x, w, b = _data(rng, x_shape, w_shape)
+    p = _problem(x_shape, w_shape, kw)
+    dy = rng.standard_normal(p.y_shape)
+
+    def loss():  # L = <conv(x, w) + b, dy>, so dL/dx is the VJP with dy
+        return float(np.sum(gc.conv2d(x, w, b, **kw) * dy))
+
+    np.testing.assert_allclose(gc.conv2d_grad_input(x_shape, w, dy, **kw),
+                               _central_difference(loss, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gc.conv2d_grad_weight(x, w_shape, dy, **kw),
+                               _central_difference(loss, w), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gc.conv2d_grad_bias(dy), _central_difference(loss, b),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_dgrad_rows_no_window_reached_are_exact_zeros():
+    # H=8, R=3, stride 3: windows cover rows 0..2 and 3..5; rows 6 and 7 are never read.
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3, 2, 3, 3))
+    p = ConvProblem.from_args((2, 2, 8, 10), w.shape, stride=3)
+    dy = rng.standard_normal(p.y_shape) + 10.0
+    dx = gc.conv2d_grad_input(p.x_shape, w, dy, stride=3)
+    assert np.all(dx[:, :, 6:, :] == 0.0) and np.all(dx[:, :, :, 9:] == 0.0)
+    assert np.all(dx[:, :, :6, :9] != 0.0)
+
+
+def test_dgrad_with_stride_larger_than_kernel_leaves_gaps_zero():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((2, 2, 2, 2))
+    dy = rng.standard_normal((1, 2, 3, 3))
+    dx = gc.conv2d_grad_input((1, 2, 9, 9), w, dy, stride=3)
+    # rows/cols 2, 5, 8 lie between windows of a 2-tap kernel at stride 3
+    assert np.all(dx[:, :, 2::3, :] == 0) and np.all(dx[:, :, :, 2::3] == 0)
+
+
+def test_non_contiguous_inputs_give_the_same_results():
+    rng = np.random.default_rng(8)
+    base = rng.standard_normal((3, 6, 11, 9))
+    x = base[::2, ::2, 1:, ::-1]  # strided, offset and negative strides
+    w = np.asfortranarray(rng.standard_normal((4, 3, 3, 3)))
+    kw = dict(stride=2, padding=1)
+    p = ConvProblem.from_args(x.shape, w.shape, **kw)
+    dy = rng.standard_normal(p.y_shape).transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2)
+    xc, wc, dyc = (np.ascontiguousarray(a) for a in (x, w, dy))
+    np.testing.assert_array_equal(gc.conv2d(x, w, **kw), gc.conv2d(xc, wc, **kw))
+    np.testing.assert_array_equal(gc.conv2d_grad_input(x.shape, w, dy, **kw),
+                                  gc.conv2d_grad_input(x.shape, wc, dyc, **kw))
+    np.testing.assert_array_equal(gc.conv2d_grad_weight(x, w.shape, dy, **kw),
+                                  gc.conv2d_grad_weight(xc, w.shape, dyc, **kw))
+
+
+def test_inputs_are_not_modified():
+    rng = np.random.default_rng(9)
+    x, w, b = _data(rng, (2, 4, 6, 6), (4, 2, 3, 3))
+    dy = rng.standard_normal((2, 4, 6, 6))
+    copies = [a.copy() for a in (x, w, b, dy)]
+    gc.conv2d(x, w, b, padding=1, groups=2)
+    gc.conv2d_grad_input(x.shape, w, dy, padding=1, groups=2)
+    gc.conv2d_grad_weight(x, w.shape, dy, padding=1, groups=2)
+    for a, c in zip((x, w, b, dy), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_result_is_a_new_contiguous_array_of_input_dtype():
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    w = np.ones((3, 2, 1, 1), np.float32)
+    y = gc.conv2d(x, w)
+    assert y.dtype == np.float32 and y.flags.c_contiguous and not np.shares_memory(x, y)
+
+
+# ---- PyTorch as a second oracle (never the only one) -------------------------------------------
+@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
+def test_matches_pytorch(case):
+    torch = pytest.importorskip("torch")
+    _, x_shape, w_shape, kw = case
+    rng = np.random.default_rng(10)
+    x, w, b = _data(rng, x_shape, w_shape)
+    p = _problem(x_shape, w_shape, kw)
+    dy = rng.standard_normal(p.y_shape)
+    tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
+    ty = torch.nn.functional.conv2d(tx, tw, tb, **kw)
+    np.testing.assert_allclose(gc.conv2d(x, w, b, **kw), ty.numpy(), rtol=1e-10, atol=1e-10)
+    if isinstance(kw.get("padding"), str):
+        return  # torch.nn.grad does not take string padding
+    tdy = torch.from_numpy(dy)
+    np.testing.assert_allclose(gc.conv2d_grad_input(x_shape, w, dy, **kw),
+                               torch.nn.grad.conv2d_input(x_shape, tw, tdy, **kw).numpy(),
+                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gc.conv2d_grad_weight(x, w_shape, dy, **kw),
+                               torch.nn.grad.conv2d_weight(tx, w_shape, tdy, **kw).numpy(),
+                               rtol=1e-10, atol=1e-10)
