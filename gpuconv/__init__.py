@@ -11,4 +11,22 @@ from .functional import (
     maxout_backward,
 )
 
+# CUDA helpers from gpuconv.cuda, resolved on first use (PEP 562) so that `import gpuconv` loads
+# neither CuPy nor gpuconv.cuda, and `python -m gpuconv.cuda` runs without a double import.
+_CUDA_EXPORTS = ("cuda_available", "require_cuda", "precompile", "CudaUnavailableError",
+                 "KernelCompileError", "get_workspace_limit", "set_workspace_limit",
+                 "workspace_limit")
+
+
+def __getattr__(name):
+    if name in _CUDA_EXPORTS:
+        from . import cuda
+        return getattr(cuda, name)
+    raise AttributeError(f"module 'gpuconv' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_CUDA_EXPORTS))
+
+
 __version__ = "0.1.0"
