@@ -18,6 +18,8 @@ PROBLEMS = [
     ("groups3_stride2", (1, 6, 9, 8), (9, 2, 3, 3), dict(groups=3, stride=2, padding=1)),
     ("depthwise", (2, 5, 8, 7), (5, 1, 3, 3), dict(groups=5, padding=1)),
     ("depthwise_mult2_s2", (2, 3, 9, 9), (6, 1, 3, 3), dict(groups=3, stride=2, padding=1)),
+    ("depthwise_dil2", (2, 3, 9, 8), (3, 1, 3, 3), dict(groups=3, dilation=2, padding=1)),
+    ("depthwise_mult2_dil2", (1, 2, 9, 8), (4, 1, 3, 2), dict(groups=2, dilation=2, padding=2)),
     ("pointwise", (2, 6, 5, 7), (4, 6, 1, 1), dict()),
     ("pointwise_s2", (2, 6, 7, 7), (8, 6, 1, 1), dict(stride=2)),
     ("pointwise_grouped", (1, 4, 5, 5), (6, 4 // 2, 1, 1), dict(groups=2)),

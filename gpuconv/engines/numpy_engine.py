@@ -10,12 +10,16 @@ Inputs are validated by the caller (gpuconv.functional); they may be non-contigu
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..problem import ConvProblem, PoolProblem
 
 name = "numpy"
+SCRATCH_KEEP_BYTES = 256 << 20
+_tls = threading.local()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,14 +38,36 @@ def _tap(xp, p: ConvProblem, r, s):
               w0:w0 + p.stride_w * (p.Q - 1) + 1:p.stride_w]
 
 
-def _im2col(p: ConvProblem, x):
-    """col (G, Cg*R*S, N*P*Q): column (n, p, q) holds the receptive field of output (n, p, q)."""
+def _scratch(slot, shape, dtype):
+    """A reusable per-thread buffer for internal temporaries (never returned to the caller).
+
+    Fresh multi-megabyte arrays cost a page fault per 4 KiB on first touch (measured here: 8.6
+    ms per 100 MB, ~10% of a VGG conv3_1 fprop), so column matrices reuse one buffer per slot.
+    Buffers above SCRATCH_KEEP_BYTES are not kept.
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes > SCRATCH_KEEP_BYTES:
+        return np.empty(shape, dtype)
+    bufs = _tls.__dict__.setdefault("bufs", {})
+    buf = bufs.get(slot)
+    if buf is None or buf.nbytes < nbytes:
+        buf = bufs[slot] = np.empty(nbytes, np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _im2col(p: ConvProblem, x, slot="col"):
+    """col (G, Cg*R*S, N*P*Q): column (n, p, q) holds the receptive field of output (n, p, q).
+
+    One strided copy per kernel tap: measured 2.2x faster than reshaping a 7-D strided view
+    (3.4 vs 7.5 ms for ResNet-50's 3x3 at batch 8), because each copy moves whole rows.
+    """
     xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
-    sN, sC, sH, sW = xp.strides
-    view = as_strided(xp, shape=(p.groups, p.Cg, p.R, p.S, p.N, p.P, p.Q),
-                      strides=(sC * p.Cg, sC, sH * p.dil_h, sW * p.dil_w, sN,
-                               sH * p.stride_h, sW * p.stride_w), writeable=False)
-    return view.reshape(p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q)
+    col = _scratch(slot, (p.groups, p.Cg, p.R, p.S, p.N, p.P, p.Q), x.dtype)
+    for r in range(p.R):
+        for s in range(p.S):
+            v = _tap(xp, p, r, s).reshape(p.N, p.groups, p.Cg, p.P, p.Q)
+            col[:, :, r, s] = v.transpose(1, 2, 0, 3, 4)
+    return col.reshape(p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q)
 
 
 def _gemm_to_nchw(y_gkm, p: ConvProblem, bias=None):
@@ -78,20 +104,49 @@ def conv_fprop(p: ConvProblem, x, w, bias=None):
 
 
 def _fprop_depthwise(p: ConvProblem, x, w, bias):
-    """Cg == 1: a multiply-add per kernel tap over whole (N, C, P, Q) arrays, no GEMM."""
+    """Cg == 1: a multiply-add per kernel tap over whole arrays, no GEMM."""
     xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
-    y = np.zeros((p.N, p.groups, p.Kg, p.P, p.Q), dtype=x.dtype)
-    tmp = np.empty_like(y)
     wv = w.reshape(p.groups, p.Kg, p.R, p.S)
-    for r in range(p.R):
-        for s in range(p.S):
-            xs = _tap(xp, p, r, s)[:, :, None]  # (N, G, 1, P, Q)
-            np.multiply(xs, wv[None, :, :, r, s, None, None], out=tmp)
-            y += tmp
-    y = y.reshape(p.y_shape)
+    if p.Kg == 1 and p.stride_h == p.stride_w == 1:
+        taps = [(wv[:, 0, r, s], r * p.dil_h, s * p.dil_w) for r in range(p.R)
+                for s in range(p.S)]
+        y = _flat_tap_sum(np.ascontiguousarray(xp), taps, p.P, p.Q)
+    else:
+        y = np.zeros((p.N, p.groups, p.Kg, p.P, p.Q), dtype=x.dtype)
+        tmp = np.empty_like(y)
+        for r in range(p.R):
+            for s in range(p.S):
+                xs = _tap(xp, p, r, s)[:, :, None]  # (N, G, 1, P, Q)
+                np.multiply(xs, wv[None, :, :, r, s, None, None], out=tmp)
+                y += tmp
+        y = y.reshape(p.y_shape)
     if bias is not None:
         y += bias.reshape(1, p.K, 1, 1)
     return y
+
+
+def _flat_tap_sum(planes, taps, out_h, out_w):
+    """out[n, c, i, j] = sum over taps (coef, dh, dw) of coef[c] * planes[n, c, i + dh, j + dw].
+
+    Works on each plane flattened: tap (dh, dw) is then a shift by dh*Wp + dw, so every
+    multiply-add runs over one contiguous range of (out_h - 1)*Wp + out_w elements instead of
+    out_h rows of out_w (measured 2x faster than the 5-D broadcast for a 56x56 depthwise 3x3).
+    The Wp - out_w columns between rows are computed and dropped. One image at a time keeps
+    the planes in cache.
+    """
+    n, c, hp, wp = planes.shape
+    flat = planes.reshape(n, c, hp * wp)
+    length = (out_h - 1) * wp + out_w
+    acc = np.empty((n, c, out_h * wp), planes.dtype)
+    tmp = np.empty((c, length), planes.dtype)
+    for i in range(n):
+        a = acc[i, :, :length]
+        for t, (coef, dh, dw) in enumerate(taps):
+            off = dh * wp + dw
+            np.multiply(flat[i, :, off:off + length], coef[:, None], out=a if t == 0 else tmp)
+            if t:
+                a += tmp
+    return np.ascontiguousarray(acc.reshape(n, c, out_h, wp)[:, :, :, :out_w])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,16 +162,37 @@ def conv_wgrad(p: ConvProblem, x, dy):
         dw = np.matmul(dyg, xs.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, Kg, Cg)
         return dw.reshape(p.w_shape)
     # dy as (G, Kg, N*P*Q), the same column order as _im2col
-    dy_t = np.ascontiguousarray(dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q).transpose(1, 2, 0, 3))
+    dy_t = _scratch("dy_t", (p.groups, p.Kg, p.N, p.P * p.Q), dy.dtype)
+    dy_t[...] = dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q).transpose(1, 2, 0, 3)
     dy_t = dy_t.reshape(p.groups, p.Kg, p.N * p.P * p.Q)
-    dw = np.matmul(dy_t, _im2col(p, x).transpose(0, 2, 1))  # (G, Kg, Cg*R*S)
-    return dw.reshape(p.w_shape)
+    # dw^T = col @ dy^T: with the long N*P*Q axis as the reduction and the small Kg as GEMM
+    # columns; the other orientation (dy @ col^T) ran 10-17x slower in OpenBLAS on 2 threads
+    # when the cores were shared (37 ms vs 660 ms for ResNet-50's 3x3).
+    dw_t = np.matmul(_im2col(p, x), dy_t.transpose(0, 2, 1))  # (G, Cg*R*S, Kg)
+    return np.ascontiguousarray(dw_t.transpose(0, 2, 1)).reshape(p.w_shape)
 
 
 def _wgrad_depthwise(p: ConvProblem, x, dy):
+    """Cg == 1: per tap, one dot product per (image, channel) over the shifted plane."""
     xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
-    dy5 = dy.reshape(p.N, p.groups, p.Kg, p.P, p.Q)
     dw = np.empty((p.groups, p.Kg, p.R, p.S), dtype=dy.dtype)
+    if p.Kg == 1 and p.stride_h == p.stride_w == 1:
+        # Flattened planes as in _flat_tap_sum; dy is widened to the padded width with zeros
+        # so the dropped columns contribute exactly nothing.
+        xp = np.ascontiguousarray(xp)
+        hp, wp = xp.shape[2:]
+        length = (p.P - 1) * wp + p.Q
+        dyw = np.zeros((p.N, p.C, p.P, wp), dy.dtype)
+        dyw[..., :p.Q] = dy
+        dyf = dyw.reshape(p.N, p.C, 1, p.P * wp)[..., :length]
+        xf = xp.reshape(p.N, p.C, hp * wp)
+        for r in range(p.R):
+            for s in range(p.S):
+                off = r * p.dil_h * wp + s * p.dil_w
+                dots = np.matmul(dyf, xf[:, :, off:off + length, None])  # (N, C, 1, 1)
+                dw[:, 0, r, s] = dots.sum(axis=(0, 2, 3))
+        return dw.reshape(p.w_shape)
+    dy5 = dy.reshape(p.N, p.groups, p.Kg, p.P, p.Q)
     for r in range(p.R):
         for s in range(p.S):
             dw[:, :, r, s] = np.einsum("ngkpq,ngpq->gk", dy5, _tap(xp, p, r, s))
@@ -148,19 +224,60 @@ def _phase_taps(size, pad, k, dil, stride, out_size):
 
 
 def conv_dgrad(p: ConvProblem, w, dy):
+    """dx = conv(pad(stride-dilate(dy)), mirror(w)), one stride phase at a time.
+
+    Two orders of the same sum, chosen by the size of their intermediate:
+    - gather-first: build the column matrix of dy for the phase's mirrored taps (Kg*T rows),
+      then one batched GEMM with the mirrored, channel-swapped weights (intermediate ~K*R*S*N*H*W
+      / stride^2);
+    - channel-first: contract the channels first, dcol = w^T dy (C*R*S rows, one GEMM), then
+      gather each phase's mirrored taps from dcol and sum them (intermediate C*R*S*N*P*Q).
+    Both read only the taps that hit real dy elements: the stride zeros are never formed.
+    """
     ph_h, lo_h, hi_h = _phase_taps(p.H, p.pad_h, p.R, p.dil_h, p.stride_h, p.P)
     ph_w, lo_w, hi_w = _phase_taps(p.W, p.pad_w, p.S, p.dil_w, p.stride_w, p.Q)
-    # Boundary zeros (the "padded" dy); rows no window reached read only these and get exact 0.
-    dyp = _pad(dy, lo_h, hi_h, lo_w, hi_w)
     dx = np.zeros(p.x_shape, dtype=dy.dtype)
+    if p.is_depthwise and p.Kg == 1 and p.stride_h == p.stride_w == 1:
+        # one phase; its mirrored taps as shifts of the padded dy planes
+        (_, _, taps_h), (_, _, taps_w) = ph_h[0], ph_w[0]
+        w3 = w.reshape(p.C, p.R, p.S)
+        taps = [(w3[:, r, s], lo_h + oh, lo_w + ow) for r, oh in taps_h for s, ow in taps_w]
+        dyp = np.ascontiguousarray(_pad(dy, lo_h, hi_h, lo_w, hi_w))
+        return _flat_tap_sum(dyp, taps, p.H, p.W)
+    if p.is_depthwise:
+        dyp = _pad(dy, lo_h, hi_h, lo_w, hi_w)
+        gather = _dgrad_phase_depthwise
+    elif p.C * p.P * p.Q < p.K * p.H * p.W // (p.stride_h * p.stride_w):
+        return _dgrad_channel_first(p, w, dy, ph_h, ph_w, dx)
+    else:
+        dyp = _pad(dy, lo_h, hi_h, lo_w, hi_w)  # the boundary zeros of the padded dy
+        gather = _dgrad_phase_gemm
     w6 = w.reshape(p.groups, p.Kg, p.Cg, p.R, p.S)
     for h0, n_i, taps_h in ph_h:
         for w0, n_j, taps_w in ph_w:
-            if not (n_i and n_j and taps_h and taps_w):
-                continue  # no tap reaches these input pixels: dx stays exactly 0
-            out = (_dgrad_phase_depthwise if p.is_depthwise else _dgrad_phase_gemm)(
-                p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w)
-            dx[:, :, h0::p.stride_h, w0::p.stride_w] = out
+            if n_i and n_j and taps_h and taps_w:  # else no tap reaches them: dx stays 0
+                dx[:, :, h0::p.stride_h, w0::p.stride_w] = gather(
+                    p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w)
+    return dx
+
+
+def _dgrad_channel_first(p, w, dy, ph_h, ph_w, dx):
+    dy_t = _scratch("dy_t", (p.groups, p.Kg, p.N, p.P * p.Q), dy.dtype)
+    dy_t[...] = dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q).transpose(1, 2, 0, 3)
+    wt = w.reshape(p.groups, p.Kg, p.Cg * p.R * p.S).transpose(0, 2, 1)  # (G, Cg*R*S, Kg)
+    dcol = _scratch("col", (p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q), dy.dtype)
+    np.matmul(wt, dy_t.reshape(p.groups, p.Kg, p.N * p.P * p.Q), out=dcol)
+    dcol = dcol.reshape(p.C, p.R, p.S, p.N, p.P, p.Q)
+    for h0, n_i, taps_h in ph_h:
+        for w0, n_j, taps_w in ph_w:
+            acc = dx[:, :, h0::p.stride_h, w0::p.stride_w]  # (N, C, I, J) view
+            for r, oh in taps_h:
+                i0, i1 = max(0, -oh), min(n_i, p.P - oh)  # dy rows outside [0, P) are zeros
+                for s, ow in taps_w:
+                    j0, j1 = max(0, -ow), min(n_j, p.Q - ow)
+                    if i0 < i1 and j0 < j1:
+                        src = dcol[:, r, s, :, oh + i0:oh + i1, ow + j0:ow + j1]
+                        acc[:, :, i0:i1, j0:j1] += src.transpose(1, 0, 2, 3)
     return dx
 
 
