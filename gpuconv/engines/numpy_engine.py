@@ -359,7 +359,7 @@ def pool_dgrad(pp: PoolProblem, dy, idx):
 # activations
 # ---------------------------------------------------------------------------------------------
 def act_fprop(kind, x, alpha=None):
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         if kind == "relu":
             return np.maximum(x, 0, dtype=x.dtype)  # NaN propagates
         if kind == "leaky_relu":
