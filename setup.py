@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["gpuconv", "gpuconv.*"]) + ["gpuconv.kernels"],
     package_dir={"gpuconv.kernels": "kernels"},
-    package_data={"gpuconv.kernels": ["*.cu", "*.cuh"], "gpuconv": ["data/*"]},
+    package_data={"gpuconv.kernels": ["*.cu", "*.cuh"], "gpuconv.benchmark": ["*.csv"]},
     install_requires=["numpy>=1.23"],
     extras_require={
         # choose one CuPy build, matching the CUDA major version of the driver
