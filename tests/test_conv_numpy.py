@@ -208,3 +208,40 @@ def test_matches_pytorch(case):
     np.testing.assert_allclose(gc.conv2d_grad_weight(x, w_shape, dy, **kw),
                                torch.nn.grad.conv2d_weight(tx, w_shape, tdy, **kw).numpy(),
                                rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["basic3x3", "stride2_uncovered", "groups3_stride2", "depthwise",
+                                  "pointwise_s2"])
+def test_batch_chunking_gives_the_same_result(name, monkeypatch):
+    from gpuconv.engines import numpy_engine
+    _, x_shape, w_shape, kw = PROBLEMS[IDS.index(name)]
+    x_shape = (5,) + x_shape[1:]
+    rng = np.random.default_rng(11)
+    x, w, b = _data(rng, x_shape, w_shape)
+    p = _problem(x_shape, w_shape, kw)
+    dy = rng.standard_normal(p.y_shape)
+    whole = (gc.conv2d(x, w, b, **kw), gc.conv2d_grad_input(x_shape, w, dy, **kw),
+             gc.conv2d_grad_weight(x, w_shape, dy, **kw))
+    monkeypatch.setattr(numpy_engine, "WORKSPACE_BYTES", 1)  # one image per chunk
+    assert len(numpy_engine._batch_chunks(p, "fprop", 8)) == 5
+    chunked = (gc.conv2d(x, w, b, **kw), gc.conv2d_grad_input(x_shape, w, dy, **kw),
+               gc.conv2d_grad_weight(x, w_shape, dy, **kw))
+    for a, c in zip(whole, chunked):
+        np.testing.assert_allclose(c, a, rtol=1e-13, atol=1e-13)
+
+
+def test_both_dgrad_orders_are_exercised_and_agree():
+    from gpuconv.engines import numpy_engine
+    rng = np.random.default_rng(12)
+    for x_shape, w_shape, kw in (((2, 3, 9, 8), (6, 3, 3, 3), dict(stride=2, padding=1)),
+                                 ((2, 6, 9, 8), (3, 6, 3, 3), dict(stride=1, padding=1))):
+        p = _problem(x_shape, w_shape, kw)
+        w = rng.standard_normal(w_shape)
+        dy = rng.standard_normal(p.y_shape)
+        ref = naive.conv_dgrad(p, w, dy)
+        ph_h, *_ = numpy_engine._phase_taps(p.H, p.pad_h, p.R, p.dil_h, p.stride_h, p.P)
+        ph_w, *_ = numpy_engine._phase_taps(p.W, p.pad_w, p.S, p.dil_w, p.stride_w, p.Q)
+        first = numpy_engine._dgrad_channel_first(p, w, dy, ph_h, ph_w, np.zeros(p.x_shape))
+        np.testing.assert_allclose(first, ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(gc.conv2d_grad_input(x_shape, w, dy, **kw), ref,
+                                   rtol=1e-12, atol=1e-12)
