@@ -1,0 +1,120 @@
+"""Readable tables and the JSON result file.
+
+Columns per (layer, op, dtype) and backend: median time, spread (the interquartile range as a
+percentage of the median, and the minimum), samples, FLOP rate (TFLOP/s on a GPU, GFLOP/s on the
+CPU), GB/s of the minimum traffic (``ConvProblem.bytes_moved``: each operand read once, the result
+written once), the fraction of the roofline, the workspace memory and the ratio to the reference
+backend of the device (cuDNN on the GPU, PyTorch on the CPU; > 1 means slower than it).
+"""
+from __future__ import annotations
+
+import json
+
+SCHEMA = "gpuconv-bench/1"
+
+
+def fmt_time(s):
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "-"
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def fmt_rate(row):
+    r = row.get("flop_rate")
+    if r is None:
+        return "-"
+    return f"{r / 1e12:.2f} T" if row["device"] == "cuda" else f"{r / 1e9:.1f} G"
+
+
+def _num(x, spec, dash="-"):
+    return dash if x is None else format(x, spec)
+
+
+HEAD = (f"  {'backend':<20} {'status':<6} {'median':>10} {'iqr':>6} {'min':>10} {'n':>4} "
+        f"{'FLOP/s':>9} {'GB/s':>7} {'roof':>5} {'workspace':>10} {'ratio':>6}  rel.err")
+
+
+def case_block(rows):
+    """The lines of one (layer, op, dtype) case."""
+    r0 = rows[0]
+    unit = "comparisons" if r0["op"] == "pool" else "FLOP"
+    lines = [f"{r0['layer']}  {r0['op']}  {r0['dtype']}   {r0['problem']}   "
+             f"{r0['flops'] / 1e9:.3g} G{unit}, min traffic {fmt_bytes(r0['bytes'])}"
+             + (f", {r0['input_sets']} input sets" if r0.get("input_sets", 1) > 1 else ""),
+             HEAD]
+    for r in rows:
+        med = r.get("median_s")
+        iqr = (f"{100 * (r['q3_s'] - r['q1_s']) / med:.1f}%" if med else "-")
+        roof = r.get("roofline_fraction")
+        lines.append(
+            f"  {r['backend']:<20} {r['status']:<6} {fmt_time(med):>10} {iqr:>6} "
+            f"{fmt_time(r.get('min_s')):>10} {r.get('n', 0):>4} {fmt_rate(r):>9} "
+            f"{_num(r.get('byte_rate') and r['byte_rate'] / 1e9, '.1f'):>7} "
+            f"{_num(roof and 100 * roof, '.0f'):>4}% {fmt_bytes(r.get('workspace_bytes')):>10} "
+            f"{_num(r.get('ratio'), '.2f'):>6}  {_num(r.get('rel_err'), '.1e')}")
+        if r["status"] != "ok":
+            lines.append(f"      {r['status']}: {r['reason']} -- not timed")
+        if r.get("algo_info"):
+            lines.append(f"      cuDNN chose: {r['algo_info']}")
+    return lines
+
+
+def summary_lines(summary, targets):
+    lines = ["", "Summary per suite (geometric mean of time / reference time over the layers; "
+             "network time = sum of median x count_in_net)",
+             f"  {'suite':<11} {'op':<6} {'dtype':<9} {'backend':<20} {'vs':<10} "
+             f"{'geomean':>8} {'layers':>7} {'network time':>13}"]
+    for s in summary:
+        net = fmt_time(s["net_time_s"]) if s["complete"] else f"({s['n_ok']}/{s['n_layers']} ok)"
+        lines.append(f"  {s['suite']:<11} {s['op']:<6} {s['dtype']:<9} {s['backend']:<20} "
+                     f"{s['ref_backend'] or '-':<10} {_num(s['geomean_ratio'], '.3f'):>8} "
+                     f"{s['n_ratios']:>3}/{s['n_layers']:<3} {net:>13}")
+    for t in targets:
+        lines.append(t["line"])
+    return lines
+
+
+def target_checks(summary, suite_targets):
+    """Lines (and verdicts) for suites with a speed target, e.g. cpu-target."""
+    out = []
+    for s in summary:
+        tgt = suite_targets.get(s["suite"])
+        if not tgt or s["backend"] != tgt[0] or s["ref_backend"] != tgt[1]:
+            continue
+        g = s["geomean_ratio"]
+        met = g is not None and g <= tgt[2] and s["n_ratios"] == s["n_layers"]
+        verdict = "met" if met else ("NOT met" if g is not None else "not measured")
+        out.append(dict(suite=s["suite"], op=s["op"], dtype=s["dtype"], backend=tgt[0],
+                        ref=tgt[1], limit=tgt[2], geomean=g, met=met,
+                        line=f"  target {s['suite']} {s['op']} {s['dtype']}: geomean "
+                             f"{tgt[0]}/{tgt[1]} = {_num(g, '.3f')} (limit {tgt[2]}) -> "
+                             f"{verdict}"))
+    return out
+
+
+def write_json(path, doc):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1, default=str)
+        f.write("\n")
+
+
+def load_json(path):
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a gpuconv-bench result (schema {doc.get('schema')!r}, "
+                         f"expected {SCHEMA!r})")
+    return doc

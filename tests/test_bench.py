@@ -1,0 +1,221 @@
+"""gpuconv-bench end to end on the CPU, through the CLI's main(): a tiny suite, the JSON schema,
+the compare subcommand, and a deliberately wrong backend that must be reported WRONG and never
+timed. No timing is asserted: only that samples exist and the bookkeeping is consistent."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gpuconv.benchmark import backends as bk
+from gpuconv.benchmark import cli, roofline, suites, timing
+from gpuconv.benchmark.runner import geomean, rel_error
+
+try:
+    import torch  # noqa: F401
+    CPU_BACKENDS = "numpy,torch-cpu"
+except Exception:
+    CPU_BACKENDS = "numpy"
+
+# Two tiny layers (one grouped with stride 2), every op, two dtypes; few samples, short budgets.
+TINY = ["--shape", "2,3,9,9,4,3,3,1,1", "--shape", "2,4,8,8,6,3,3,2,1,1,2",
+        "--op", "all", "--dtype", "float32,float64", "--min-samples", "2",
+        "--max-samples", "3", "--max-time-per-case", "0.01", "--settle-ms", "1", "--threads", "1", "--quiet"]
+
+RESULT_KEYS = {"suite", "layer", "op", "dtype", "batch", "problem", "flops", "bytes", "backend",
+               "device", "status", "reason", "rel_err", "tol", "samples_s", "count_in_net",
+               "input_sets"}
+TIMED_KEYS = {"median_s", "q1_s", "q3_s", "min_s", "max_s", "n", "flop_rate", "byte_rate",
+              "roofline_fraction", "peak_unit", "workspace_bytes"}
+
+
+@pytest.fixture(autouse=True)
+def small_roofline(monkeypatch):
+    """A small matmul for the CPU 'peak' keeps the test fast (the real run uses 1536^2)."""
+    fast = roofline.measure_cpu.__wrapped__
+    monkeypatch.setattr(roofline, "measure_cpu", lambda: fast(n=128, copy_mib=4))
+
+
+class _WrongNumpy(bk.NumpyBackend):
+    """Off by 1% -- far over the float32 tolerance, as a subtly wrong kernel would be."""
+
+    name = "numpy-wrong"
+
+    def call(self, op):
+        right = super().call(op)
+        if op == "pool":
+            return lambda p, a: (right(p, a)[0] * 1.01, None)
+        return lambda p, a: right(p, a) * 1.01
+
+
+class _Raising(bk.NumpyBackend):
+    name = "numpy-raises"
+
+    def call(self, op):
+        def f(p, a):
+            raise RuntimeError("kernel launch failed (simulated)")
+        return f
+
+
+@pytest.fixture
+def bad_backends():
+    bk.register("numpy-wrong", _WrongNumpy)
+    bk.register("numpy-raises", _Raising)
+    yield
+    bk._EXTRA.pop("numpy-wrong", None)
+    bk._EXTRA.pop("numpy-raises", None)
+
+
+def _run(tmp_path, name, extra=()):
+    out = tmp_path / f"{name}.json"
+    rc = cli.main(TINY + ["--backend", CPU_BACKENDS, "--json", str(out)] + list(extra))
+    return rc, json.loads(out.read_text())
+
+
+def test_cpu_run_end_to_end_json_schema(tmp_path, capsys):
+    rc, doc = _run(tmp_path, "a")
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert doc["schema"] == "gpuconv-bench/1"
+    for key in ("date", "commit", "command", "machine", "versions", "settings", "roofline",
+                "backends", "results", "summary", "targets", "not_run"):
+        assert key in doc, key
+    assert doc["machine"]["cpu_count"] >= 1 and "numpy" in doc["versions"]
+    assert doc["roofline"]["cpu"]["source"].startswith("measured")
+    assert doc["settings"]["batch"] == 8  # CPU default (the --shape N=2 overrides it per layer)
+    if doc["machine"]["gpu"] is None:
+        assert "No GPU here" in text
+    n_backends = len(CPU_BACKENDS.split(","))
+    assert len(doc["results"]) == 2 * 4 * 2 * n_backends  # layers x ops x dtypes x backends
+    for r in doc["results"]:
+        assert RESULT_KEYS <= set(r), RESULT_KEYS - set(r)
+        assert r["status"] == "ok", r
+        assert r["batch"] == 2
+        assert r["rel_err"] <= r["tol"]
+        assert TIMED_KEYS <= set(r), TIMED_KEYS - set(r)
+        assert len(r["samples_s"]) == r["n"] >= 2
+        assert all(s > 0 for s in r["samples_s"])
+        assert r["min_s"] <= r["q1_s"] <= r["median_s"] <= r["q3_s"] <= r["max_s"]
+        assert math.isclose(r["flop_rate"], r["flops"] / r["median_s"])
+        assert 0 < r["roofline_fraction"]
+        if r["backend"] == "numpy":
+            assert r["workspace_bytes"] is not None
+    if "torch-cpu" in CPU_BACKENDS:
+        numpy_rows = [r for r in doc["results"] if r["backend"] == "numpy"]
+        assert all(r["ref_backend"] == "torch-cpu" and r["ratio"] > 0 for r in numpy_rows)
+    s = [x for x in doc["summary"] if x["backend"] == "numpy" and x["op"] == "fprop"
+         and x["dtype"] == "float32"][0]
+    assert s["suite"] == "adhoc" and s["n_layers"] == 2 and s["complete"]
+    assert s["net_time_s"] > 0
+    assert "Summary per suite" in text and "fprop" in text
+
+
+def test_wrong_backend_is_reported_and_not_timed(tmp_path, capsys, bad_backends):
+    rc, doc = _run(tmp_path, "w", ["--backend", "numpy,numpy-wrong,numpy-raises"])
+    text = capsys.readouterr().out
+    assert rc == 2  # a wrong backend makes the run fail
+    wrong = [r for r in doc["results"] if r["backend"] == "numpy-wrong"]
+    raised = [r for r in doc["results"] if r["backend"] == "numpy-raises"]
+    assert wrong and raised
+    for r in wrong:
+        assert r["status"] == "WRONG" and r["samples_s"] == [] and "median_s" not in r
+        assert r["rel_err"] > r["tol"]
+    for r in raised:
+        assert r["status"] == "ERROR" and "simulated" in r["reason"] and r["samples_s"] == []
+    assert all(r["status"] == "ok" and r["n"] >= 2 for r in doc["results"]
+               if r["backend"] == "numpy")
+    assert "WRONG" in text and "not timed" in text
+
+
+def _set_times(doc, scale_of):
+    """Replace measured times by fixed ones (scaled per row), so the verdicts are deterministic."""
+    for r in doc["results"]:
+        f = scale_of(r)
+        r.update(median_s=1e-3 * f, q1_s=0.9e-3 * f, q3_s=1.1e-3 * f, min_s=0.8e-3 * f,
+                 max_s=1.2e-3 * f, samples_s=[0.9e-3 * f, 1e-3 * f, 1.1e-3 * f])
+
+
+def test_compare_marks_regressions(tmp_path, capsys):
+    _, doc = _run(tmp_path, "a")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    _set_times(doc, lambda r: 1.0)
+    a.write_text(json.dumps(doc))
+    _set_times(doc, lambda r: 3.0 if (r["backend"], r["op"]) == ("numpy", "fprop") else 1.02)
+    b.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert cli.main(["compare", str(a), str(b)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("REGRESSION") == 4  # 2 layers x 2 dtypes; the 2% changes are noise
+    assert cli.main(["compare", str(a), str(b), "--fail-on-regression"]) == 1
+    capsys.readouterr()
+    assert cli.main(["compare", str(b), str(a), "--fail-on-regression"]) == 0
+    assert capsys.readouterr().out.count("faster") == 4
+    doc["results"][0]["status"] = "WRONG"
+    b.write_text(json.dumps(doc))
+    assert cli.main(["compare", str(a), str(b), "--fail-on-regression"]) == 1
+    assert "BROKEN (WRONG)" in capsys.readouterr().out
+
+
+def test_plot_or_clear_message(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    rc, _ = _run(tmp_path, "p", ["--plot", str(png)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "needs matplotlib" in err and not png.exists()
+    else:
+        assert png.stat().st_size > 0
+
+
+def test_list_and_bad_arguments(capsys):
+    assert cli.main(["--list"]) == 0
+    text = capsys.readouterr().out
+    assert "cpu-target" in text and "r50.stem7x7s2" in text and "numpy" in text
+    for bad in (["--suite", "nope"], ["--layer", "nope.*"], ["--shape", "1,2,3"],
+                ["--shape", "1,3,4,4,2,5,5"], ["--dtype", "int8"]):
+        with pytest.raises(SystemExit):
+            cli.main(bad + ["--quiet"])
+
+
+def test_suites_cover_the_csv():
+    layers = suites.load_layers()
+    assert {l.suite for l in layers} == set(suites.NETWORK_SUITES)
+    for l in layers:
+        p = l.problem(2)
+        assert p.P >= 1 and p.Q >= 1
+        pp = l.pool_problem(2)
+        assert pp.P >= 1
+    tgt = suites.suite_layers("cpu-target")
+    assert [l.name for l in tgt] == list(suites.CPU_TARGET_LAYERS)
+    assert all(l.suite == "cpu-target" for l in tgt)
+    assert [l.name for l in suites.select(layer_globs=["r50.l2.ds*"])] == ["r50.l2.ds1x1s2"]
+    ad = suites.parse_shape("4,8,10,10,16,3,3,2,1,1,2")
+    assert (ad.batch, ad.stride, ad.pad, ad.groups) == (4, 2, 1, 2)
+
+
+def test_helpers():
+    assert timing.input_sets_for(10 << 20, 50 << 20) == 8
+    assert timing.input_sets_for(40 << 20, 50 << 20) == 3
+    assert timing.input_sets_for(60 << 20, 50 << 20) == 1
+    st = timing.stats([3.0, 1.0, 2.0])
+    assert st["median_s"] == 2.0 and st["n"] == 3
+    assert math.isclose(geomean([2.0, 8.0]), 4.0)
+    ref = np.ones((2, 3))
+    assert rel_error(ref, ref) == 0
+    assert rel_error(ref * np.nan, ref) == math.inf
+    assert rel_error(np.ones((3, 2)), ref) == math.inf
+
+
+@pytest.mark.gpu
+def test_gpu_backends_check_and_time(tmp_path):
+    """On the GPU machine: the CUDA engine's algorithms and cuDNN are checked and timed."""
+    out = tmp_path / "g.json"
+    rc = cli.main(["--shape", "4,8,12,12,16,3,3,1,1", "--op", "fprop,dgrad,wgrad",
+                   "--backend", "cuda,cudnn", "--min-samples", "3", "--max-samples", "5",
+                   "--quiet", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert rc == 0, [r for r in doc["results"] if r["status"] != "ok"]
+    assert {r["device"] for r in doc["results"]} == {"cuda"}
+    assert all(r["n"] >= 3 for r in doc["results"])
