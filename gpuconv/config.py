@@ -1,0 +1,40 @@
+"""Process-wide switches of the CUDA engine's second-generation algorithms.
+
+- TF32 (``set_allow_tf32``): float32 convolutions may run on the tensor cores in TF32 (10-bit
+  mantissa operands, fp32 accumulation; relative error near 1e-3 instead of 1e-6). Off by
+  default, as in PyTorch's ``torch.backends.cudnn.allow_tf32 = False`` semantics for exactness.
+- Autotuning (``set_autotune``): "auto" algorithm choice times the correct candidates once per
+  problem and remembers the fastest (gpuconv.autotune). On by default; the environment variable
+  ``GPUCONV_AUTOTUNE=0`` turns it off (a fixed heuristic picks instead).
+"""
+from __future__ import annotations
+
+import os
+
+_allow_tf32 = False
+_autotune = None  # None: follow GPUCONV_AUTOTUNE
+
+
+def set_allow_tf32(allow: bool) -> None:
+    """Allow (True) or forbid (False, the default) TF32 tensor-core math for float32."""
+    global _allow_tf32
+    _allow_tf32 = bool(allow)
+
+
+def get_allow_tf32() -> bool:
+    return _allow_tf32
+
+
+def set_autotune(enabled) -> None:
+    """True/False: autotune or not; None: follow GPUCONV_AUTOTUNE (default on)."""
+    global _autotune
+    _autotune = None if enabled is None else bool(enabled)
+
+
+def autotune_enabled() -> bool:
+    if _autotune is not None:
+        return _autotune
+    return os.environ.get("GPUCONV_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+__all__ = ["set_allow_tf32", "get_allow_tf32", "set_autotune", "autotune_enabled"]
