@@ -20,7 +20,8 @@ except Exception:
 # Two tiny layers (one grouped with stride 2), every op, two dtypes; few samples, short budgets.
 TINY = ["--shape", "2,3,9,9,4,3,3,1,1", "--shape", "2,4,8,8,6,3,3,2,1,1,2",
         "--op", "all", "--dtype", "float32,float64", "--min-samples", "2",
-        "--max-samples", "3", "--max-time-per-case", "0.01", "--settle-ms", "1", "--threads", "1", "--quiet"]
+        "--max-samples", "3", "--max-time-per-case", "0.01", "--settle-ms", "1",
+        "--threads", "1", "--quiet"]
 
 RESULT_KEYS = {"suite", "layer", "op", "dtype", "batch", "problem", "flops", "bytes", "backend",
                "device", "status", "reason", "rel_err", "tol", "samples_s", "count_in_net",

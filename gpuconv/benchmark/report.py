@@ -79,8 +79,9 @@ def summary_lines(summary, targets):
              f"{'geomean':>8} {'layers':>7} {'network time':>13}"]
     for s in summary:
         net = fmt_time(s["net_time_s"]) if s["complete"] else f"({s['n_ok']}/{s['n_layers']} ok)"
+        g = "(ref)" if s["backend"] == s["ref_backend"] else _num(s["geomean_ratio"], ".3f")
         lines.append(f"  {s['suite']:<11} {s['op']:<6} {s['dtype']:<9} {s['backend']:<20} "
-                     f"{s['ref_backend'] or '-':<10} {_num(s['geomean_ratio'], '.3f'):>8} "
+                     f"{s['ref_backend'] or '-':<10} {g:>8} "
                      f"{s['n_ratios']:>3}/{s['n_layers']:<3} {net:>13}")
     for t in targets:
         lines.append(t["line"])

@@ -80,13 +80,14 @@ def suite_names() -> list[str]:
 
 
 def suite_layers(name: str, layers: list[Layer] | None = None) -> list[Layer]:
-    """The layers of one suite; the cpu-target suite re-labels its layers as its own."""
+    """The layers of one suite; cpu-target re-labels its layers as its own, each counted once."""
     layers = load_layers() if layers is None else layers
     if name == "all":
         return list(layers)
     if name == "cpu-target":
         by_name = {l.name: l for l in layers}
-        return [replace(by_name[n], suite="cpu-target") for n in CPU_TARGET_LAYERS]
+        return [replace(by_name[n], suite="cpu-target", count_in_net=1)
+                for n in CPU_TARGET_LAYERS]
     found = [l for l in layers if l.suite == name]
     if not found:
         raise ValueError(f"unknown suite {name!r}; choose from {', '.join(suite_names())}")
