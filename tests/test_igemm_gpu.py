@@ -56,7 +56,7 @@ def test_against_numpy(cp, name, xs, ws, kw, op, algo, dtype_name):
 
 def test_wgrad_split_k_is_deterministic(cp):
     p = ConvProblem.from_args((8, 16, 32, 32), (16, 16, 3, 3), padding=1)
-    algo = ig.IgemmAlgorithm("wgrad", False, 0)
+    algo = ig.IgemmAlgorithm("wgrad", False, "128x128")
     assert ig.wgrad_splits(p, ig.IGEMM_CONFIGS[("float", 0)][0], ig._current_sm_count()) > 1
     x, dy = (cp.asarray(a.astype(np.float32))
              for a in autotune.random_inputs("wgrad", p, np.float64, np, seed=7))

@@ -217,8 +217,8 @@ def test_algorithms_supports():
     p = ConvProblem(2, 8, 9, 9, 8, 3, 3, 1, 1)
     f32, f16, f64 = np.dtype("float32"), np.dtype("float16"), np.dtype("float64")
     assert algos[("fprop", "igemm_simt_128x128")].supports(p, f32)
-    assert algos[("fprop", "igemm_simt_128x128")].supports(p, f64)
-    assert not algos[("fprop", "igemm_simt_64x64")].supports(p, f64)  # one fp64 tile only
+    assert algos[("fprop", "igemm_simt_64x64")].supports(p, f64)
+    assert not algos[("fprop", "igemm_simt_128x128")].supports(p, f64)  # one fp64 tile only
     assert not algos[("fprop", "igemm_simt_128x128")].supports(p, f16)
     assert algos[("fprop", "igemm_tc_64x64")].supports(p, f16)
     from gpuconv import config

@@ -297,20 +297,17 @@ def _mode_for(ctype, tensor_cores):
 class IgemmAlgorithm:
     """One registered implicit-GEMM algorithm: an op, a data path (SIMT / tensor cores), a tile."""
 
-    def __init__(self, op, tensor_cores, tile_index):
-        self.op, self.tensor_cores, self.tile_index = op, tensor_cores, tile_index
-        self.name = (f"igemm_{'tc' if tensor_cores else 'simt'}_"
-                     f"{(128, 64)[tile_index]}x{(128, 64)[tile_index]}")
+    def __init__(self, op, tensor_cores, label):
+        self.op, self.tensor_cores, self.label = op, tensor_cores, label
+        self.name = f"igemm_{'tc' if tensor_cores else 'simt'}_{label}"
 
     def _config(self, dtype):
         ct = ctype_of(dtype)
         mode = _mode_for(ct, self.tensor_cores) if ct else None
         if mode is None:
             return None
-        tiles = IGEMM_CONFIGS[(ct, mode)]
-        if self.tile_index >= len(tiles):
-            return None
-        return ct, mode, tiles[self.tile_index]
+        tile = next((t for t in IGEMM_CONFIGS[(ct, mode)] if t.label == self.label), None)
+        return None if tile is None else (ct, mode, tile)
 
     def supports(self, p: ConvProblem, dtype) -> bool:
         return (self._config(dtype) is not None and fits_int32(p)
@@ -440,7 +437,8 @@ class WinogradAlgorithm:
 
 def algorithms():
     """op -> [algorithm objects] of this module (fresh objects; register() installs them)."""
-    out = {op: [IgemmAlgorithm(op, tc, i) for tc in (False, True) for i in (0, 1)]
+    labels = sorted({t.label for tiles in IGEMM_CONFIGS.values() for t in tiles}, reverse=True)
+    out = {op: [IgemmAlgorithm(op, tc, lab) for tc in (False, True) for lab in labels]
            for op in ("fprop", "dgrad", "wgrad")}
     for op in ("fprop", "dgrad", "wgrad"):
         out[op].append(DepthwiseAlgorithm(op))
