@@ -416,9 +416,9 @@ class CudaEngineBackend(Backend):
         if dtype == "bfloat16":
             try:
                 import cupy
-                cupy.dtype(numpy_dtype("bfloat16"))
+                cupy.asarray(np.zeros(2, dtype=numpy_dtype("bfloat16"))) * 2
             except Exception as e:
-                return f"this CuPy has no bfloat16 ({type(e).__name__}: {e})"
+                return f"this CuPy has no bfloat16 ({type(e).__name__}: {e})"[:200]
         return None
 
     def tolerance_key(self, dtype):

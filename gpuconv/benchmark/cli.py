@@ -78,8 +78,8 @@ def build_parser():
     tm.add_argument("--block", type=int, default=None,
                     help="consecutive samples per backend per round (default 1 GPU, 3 CPU)")
     tm.add_argument("--settle-ms", type=float, default=None,
-                    help="pause before each backend's turn, so the previous backend's spinning "
-                         "thread pool sleeps (default 0 GPU, 150 CPU)")
+                    help="pause before each CPU backend's turn, so the previous backend's "
+                         "spinning thread pool sleeps (default 150; GPU backends never pause)")
     tm.add_argument("--input-sets", type=int, default=None,
                     help="input sets rotated between samples (default: enough to span 2x the "
                          "cache when one set fits in it, at most 8)")

@@ -57,12 +57,14 @@ class Roofline:
         return UNIT_OF.get(dtype_key, dtype_key)
 
     def floor_s(self, flops, nbytes, dtype_key, memory_only=False):
-        """The roofline time: the larger of compute time and minimum-traffic time."""
+        """The roofline time: the larger of compute time and minimum-traffic time.
+
+        None where the peak of the unit is unknown (e.g. no TF32 figure was measured)."""
         t_mem = nbytes / self.bandwidth if self.bandwidth else 0.0
         if memory_only:
             return t_mem
         peak = self.flops.get(self.unit(dtype_key))
-        return max(flops / peak if peak else 0.0, t_mem)
+        return max(flops / peak, t_mem) if peak else None
 
     def to_json(self):
         return {"device": self.device, "source": self.source,

@@ -214,7 +214,7 @@ def _derive(rows, settings, roofs):
         if roof is not None:
             floor = roof.floor_s(row["flops"], row["bytes"], row["tol_key"],
                                  memory_only=row["op"] == "pool")
-            row["roofline_fraction"] = floor / med
+            row["roofline_fraction"] = floor / med if floor else None
             row["peak_unit"] = "bandwidth" if row["op"] == "pool" else roof.unit(row["tol_key"])
     meds = {r["backend"]: r.get("median_s") for r in rows}
     for row in rows:

@@ -16,8 +16,9 @@
 * CPU only: the libraries' thread pools spin after a call (OpenBLAS's workers busy-wait ~0.1 s,
   libgomp's ~20 ms) and steal cores from whichever backend runs next. Measured on 2 cores,
   LeNet conv2 fprop: PyTorch 0.45 ms alone, 36 ms right after a NumPy call, 0.49 ms after a
-  0.1 s pause. So on the CPU each backend's turn in a round starts with a ``settle_s`` pause and
-  one untimed call (skipped for calls over 50 ms), then ``block`` timed samples.
+  0.1 s pause. So each CPU backend's turn in a round starts with a ``settle_s`` pause and one
+  untimed call (skipped for calls over 50 ms), then ``block`` timed samples. GPU backends need
+  no pause: their calls only enqueue work.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class TimingSettings:
     max_samples: int = 200
     max_time: float = 2.0       # seconds per case, all backends together
     block: int = 1              # consecutive samples per backend per round
-    settle_s: float = 0.0       # pause before a backend's turn (CPU thread pools)
+    settle_s: float = 0.15      # pause before a CPU backend's turn (its thread pool)
 
 
 CPU_DEFAULTS = TimingSettings(cold=True, warmup_s=0.0, min_samples=6, max_samples=60,
@@ -226,7 +227,7 @@ def sample(runners: dict, n_sets: int, settings: TimingSettings, estimates=None)
         pending = []
         for name in names[shift:] + names[:shift]:
             r = runners[name]
-            if settings.settle_s > 0 and len(names) > 1:
+            if settings.settle_s > 0 and r.kit.kind == "cpu" and len(names) > 1:
                 time.sleep(settings.settle_s)
                 if estimates.get(name, 0.0) < 0.05:
                     r.run(rounds % n_sets)  # untimed: wakes this backend's thread pool
