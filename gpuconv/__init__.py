@@ -10,6 +10,7 @@ from .functional import (
     relu_backward, sigmoid_backward, tanh_backward, elu_backward, leaky_relu_backward,
     maxout_backward,
 )
+from .config import set_allow_tf32, get_allow_tf32, set_autotune, set_second_generation
 
 # CUDA helpers from gpuconv.cuda, resolved on first use (PEP 562) so that `import gpuconv` loads
 # neither CuPy nor gpuconv.cuda, and `python -m gpuconv.cuda` runs without a double import.

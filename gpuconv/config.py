@@ -6,6 +6,12 @@
 - Autotuning (``set_autotune``): "auto" algorithm choice times the correct candidates once per
   problem and remembers the fastest (gpuconv.autotune). On by default; the environment variable
   ``GPUCONV_AUTOTUNE=0`` turns it off (a fixed heuristic picks instead).
+- Second generation (``set_second_generation``): whether "auto" may pick the implicit-GEMM,
+  Winograd and direct-depthwise kernels at all. Off until those kernels have passed their GPU
+  tests on a real device (they were written without one): a kernel that faults would take the
+  CUDA context down with it, which the autotuner's result check cannot catch. The algorithms
+  stay selectable by name (``cuda_engine.set_algorithm``) and in gpuconv-bench either way.
+  ``GPUCONV_SECOND_GEN=1`` turns it on.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import os
 
 _allow_tf32 = False
 _autotune = None  # None: follow GPUCONV_AUTOTUNE
+_second_gen = None  # None: follow GPUCONV_SECOND_GEN
 
 
 def set_allow_tf32(allow: bool) -> None:
@@ -34,7 +41,24 @@ def set_autotune(enabled) -> None:
 def autotune_enabled() -> bool:
     if _autotune is not None:
         return _autotune
-    return os.environ.get("GPUCONV_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return _env_flag("GPUCONV_AUTOTUNE", "1")
 
 
-__all__ = ["set_allow_tf32", "get_allow_tf32", "set_autotune", "autotune_enabled"]
+def _env_flag(name, default):
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "off", "no", "")
+
+
+def set_second_generation(enabled) -> None:
+    """True/False: let "auto" choose second-generation kernels; None: follow GPUCONV_SECOND_GEN."""
+    global _second_gen
+    _second_gen = None if enabled is None else bool(enabled)
+
+
+def second_generation_enabled() -> bool:
+    if _second_gen is not None:
+        return _second_gen
+    return _env_flag("GPUCONV_SECOND_GEN", "0")
+
+
+__all__ = ["set_allow_tf32", "get_allow_tf32", "set_autotune", "autotune_enabled",
+           "set_second_generation", "second_generation_enabled"]

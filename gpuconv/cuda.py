@@ -291,6 +291,13 @@ def precompile(device=None, verbose=False):
                 done.append(name)
             if verbose:
                 print(f"compiled kernels/{file}: {len(names)} kernels", file=sys.stderr)
+        from .engines import cuda_igemm  # the second generation keeps its own list
+        for file, names in cuda_igemm.IGEMM_KERNELS:
+            for name in names:
+                cuda_igemm.get_kernel(name)
+                done.append(name)
+            if verbose:
+                print(f"compiled kernels/{file}: {len(names)} kernels", file=sys.stderr)
     return done
 
 

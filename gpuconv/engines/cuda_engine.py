@@ -124,7 +124,8 @@ def use_algorithm(op, algo_name):
 
 
 def set_auto_policy(policy=None):
-    """Install `policy(op, p, dtype) -> algorithm name` for "auto" (None: always im2col_gemm).
+    """Install `policy(op, p, dtype) -> algorithm name` for "auto" (None: always im2col_gemm;
+    the module installs _second_generation_policy at import).
 
     This is the autotuner's hook; the name it returns must be registered for `op`.
     """
@@ -357,3 +358,24 @@ def maxout_dgrad(dy, idx, pieces, axis, x_shape):
     launch(f"maxout_dgrad<{ctype(dy.dtype)}>", dx.size,
            (dy, idx, dx, _i64(outer), _i64(m), _i64(pieces), _i64(inner)))
     return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# second generation: implicit GEMM, Winograd, direct depthwise (gpuconv.engines.cuda_igemm), and
+# the autotuner as the "auto" policy -- only once gpuconv.config.second_generation_enabled()
+# (off by default until those kernels have passed their GPU tests; see gpuconv/config.py).
+# ---------------------------------------------------------------------------------------------
+from . import cuda_igemm as _igemm  # noqa: E402
+from .. import config as _config  # noqa: E402
+
+_igemm.register(register_algorithm)
+
+
+def _second_generation_policy(op, p, dtype):
+    if not _config.second_generation_enabled():
+        return _default_auto(op, p, dtype)
+    from .. import autotune
+    return autotune.gpu_policy(op, p, dtype)
+
+
+set_auto_policy(_second_generation_policy)
