@@ -30,4 +30,6 @@ def __dir__():
     return sorted(list(globals()) + list(_CUDA_EXPORTS))
 
 
+from . import data, device, nn, optim
+
 __version__ = "0.1.0"
