@@ -157,6 +157,15 @@ def test_compare_marks_regressions(tmp_path, capsys):
     assert "BROKEN (WRONG)" in capsys.readouterr().out
 
 
+def test_markdown_subcommand(tmp_path, capsys):
+    _run(tmp_path, "m")
+    capsys.readouterr()
+    assert cli.main(["markdown", str(tmp_path / "m.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| layer | op | dtype | numpy median (IQR)" in text
+    assert text.count("| shape:") == 2 * 4 * 2  # layers x ops x dtypes
+
+
 def test_plot_or_clear_message(tmp_path, capsys):
     png = tmp_path / "p.png"
     rc, _ = _run(tmp_path, "p", ["--plot", str(png)])

@@ -6,6 +6,7 @@
     gpuconv-bench --shape 32,64,56,56,64,3,3,1,1 --op all
     gpuconv-bench compare before.json after.json --threshold 0.05
     gpuconv-bench plot run.json run.png
+    gpuconv-bench markdown run.json      (the run as Markdown tables, for bench/NOTES.md)
     gpuconv-bench --list
 
 Exit status: 0, or 2 when a backend was WRONG or raised (ERROR) in some case. See bench/README.md.
@@ -33,7 +34,7 @@ def build_parser():
         description="Benchmark gpuconv's convolution engines against cuDNN (through PyTorch), "
                     "the im2col+cuBLAS baseline and the CPU. Every backend is checked against a "
                     "float64 reference before it is timed. Subcommands: 'compare A.json B.json', "
-                    "'plot RUN.json OUT.png'.",
+                    "'plot RUN.json OUT.png', 'markdown RUN.json'.",
         epilog="Layers come from the packaged layers.csv; `--list` shows suites, layers and "
                "which backends can run here.")
     sel = ap.add_argument_group("what to run")
@@ -309,6 +310,12 @@ def main(argv=None):
         return compare_mod.main(argv[1:])
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
+    if argv[:1] == ["markdown"]:
+        if len(argv) != 2:
+            print("usage: gpuconv-bench markdown RUN.json", file=sys.stderr)
+            return 2
+        print(report.markdown(report.load_json(argv[1])), end="")
+        return 0
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.list:

@@ -24,6 +24,7 @@ def plot(doc, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker below)
 
     rows = [r for r in doc["results"] if r.get("median_s")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
@@ -36,6 +37,7 @@ def plot(doc, path):
             ax1.scatter(*zip(*pts), marker=markers[b], label=b, alpha=0.8)
     xs = [r["flops"] / r["bytes"] for r in rows if r["op"] != "pool"] or [1.0]
     lo, hi = min(xs) / 2, max(xs) * 2
+    styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 3, 1, 3))] * 4)
     for dev, roof in (doc.get("roofline") or {}).items():
         bw = roof.get("bandwidth_bytes_per_s")
         for unit, peak in (roof.get("peak_flops") or {}).items():
@@ -43,7 +45,7 @@ def plot(doc, path):
                 continue
             knee = peak / bw
             x = [lo, min(max(knee, lo), hi), hi]
-            ax1.plot(x, [min(peak, v * bw) for v in x], lw=1, ls="--")
+            ax1.plot(x, [min(peak, v * bw) for v in x], lw=1, ls=next(styles), color="0.35")
             ax1.annotate(f"{dev} {unit}", (hi, peak), fontsize=7, ha="right", va="bottom")
     ax1.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte of minimum "
             "traffic)", ylabel="achieved FLOP/s", title="roofline")
@@ -64,6 +66,8 @@ def plot(doc, path):
         ax2.bar(xs, [val[c] for c in cases if c in val], width, label=b)
     ax2.axhline(1.0, color="k", lw=1)
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     ax2.set_xticklabels(cases, rotation=75, ha="right", fontsize=7)
     ax2.set(ylabel="time / reference time (lower is faster)",

@@ -119,3 +119,64 @@ def load_json(path):
         raise ValueError(f"{path}: not a gpuconv-bench result (schema {doc.get('schema')!r}, "
                          f"expected {SCHEMA!r})")
     return doc
+
+
+def markdown(doc):
+    """A run as Markdown (for bench/NOTES.md): one row per layer and op, backends side by side,
+    then the suite summaries and targets. Numbers come from the JSON, never typed by hand."""
+    m = doc["machine"]
+    gpu = m.get("gpu") or {}
+    where = f"{gpu.get('name')} (driver {gpu.get('driver')})" if gpu else \
+        f"{m['cpu']}, {m['cpu_count']} cores, no GPU"
+    st = doc.get("settings", {})
+    load = m.get("load_average_1min")
+    lines = [f"Measured {doc['date']} on {where}; commit `{doc['commit']}`; "
+             f"`{doc['command']}`; batch {st.get('batch')}, {st.get('threads')} threads, "
+             f"{st.get('cache')} cache"
+             + (f"; 1-min load average at start {load:.2f}" if load is not None else "")
+             + ". Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()
+                                         if k != "blas" and v is not None) + ".", ""]
+    backends = []
+    for r in doc["results"]:
+        if r["backend"] not in backends:
+            backends.append(r["backend"])
+    refs = set((st.get("ratio_reference") or {}).values())
+    ratio_cols = [b for b in backends if b not in refs]
+    head = "| layer | op | dtype | " + " | ".join(
+        [f"{b} median (IQR)" for b in backends] + [f"{b} ratio" for b in ratio_cols]) + " |"
+    lines += [head, "|" + " --- |" * (3 + len(backends) + len(ratio_cols))]
+    cases = []
+    for r in doc["results"]:
+        k = (r["layer"], r["op"], r["dtype"])
+        if k not in cases:
+            cases.append(k)
+    for k in cases:
+        rows = {r["backend"]: r for r in doc["results"] if (r["layer"], r["op"], r["dtype"]) == k}
+        cells = []
+        for b in backends:
+            r = rows.get(b)
+            if r is None:
+                cells.append("-")
+            elif r.get("median_s"):
+                iqr = 100 * (r["q3_s"] - r["q1_s"]) / r["median_s"]
+                cells.append(f"{fmt_time(r['median_s'])} ({iqr:.0f}%)")
+            else:
+                cells.append(r["status"])
+        ratios = [_num((rows.get(b) or {}).get("ratio"), ".2f") for b in ratio_cols]
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells + ratios) + " |")
+    lines += ["", "| suite | op | dtype | backend | vs | geomean ratio | layers | network time |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in doc.get("summary", []):
+        if s["backend"] == s["ref_backend"]:
+            g = "(ref)"
+        else:
+            g = _num(s["geomean_ratio"], ".3f")
+        net = fmt_time(s["net_time_s"]) if s["complete"] else "incomplete"
+        lines.append(f"| {s['suite']} | {s['op']} | {s['dtype']} | {s['backend']} | "
+                     f"{s['ref_backend']} | {g} | {s['n_ratios']}/{s['n_layers']} | {net} |")
+    for t in doc.get("targets", []):
+        lines.append("")
+        lines.append(f"Target {t['suite']} {t['op']} {t['dtype']}: geomean {t['backend']}/"
+                     f"{t['ref']} = {_num(t['geomean'], '.3f')} (limit {t['limit']}): "
+                     f"{'met' if t['met'] else 'NOT met'}.")
+    return "\n".join(lines) + "\n"
