@@ -16,26 +16,13 @@ import gpuconv as gc
 from gpuconv import nn
 from gpuconv.device import cuda_unavailable_reason, device_of, parse_device, to_device
 
+# one finite-difference helper for the whole suite (it perturbs `a` in place and restores it)
+from .test_conv_numpy import _central_difference as numeric_grad
+
 
 # ---------------------------------------------------------------------------------------------
 # the finite-difference oracle
 # ---------------------------------------------------------------------------------------------
-def numeric_grad(loss, a, eps=1e-6):
-    """Central differences of the scalar loss() with respect to every element of `a`
-    (perturbed in place and restored)."""
-    g = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = loss()
-        flat[i] = old - eps
-        down = loss()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return g
-
-
 def check_layer_grads(layer, x, seed=0, rtol=1e-6, atol=1e-8):
     """backward() and every param.grad against finite differences of sum(layer(x) * G)."""
     G = np.random.default_rng(seed).standard_normal(layer(x).shape)
