@@ -101,6 +101,8 @@ def train(split, epochs=30, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1
     order_rng = np.random.default_rng(order_seed)
     loss_fn = nn.CrossEntropyLoss()
     opt = SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    # the data in the model's precision (the layers reject mixed dtypes instead of promoting)
+    x_train, x_test = split.x_train.astype(dtype), split.x_test.astype(dtype)
     history = []
     n = len(split.y_train)
     n_batches = -(-n // batch_size)
@@ -113,7 +115,7 @@ def train(split, epochs=30, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1
         bar = ProgressBar(n_batches, f"epoch {epoch}/{epochs}", progress_stream, not quiet)
         loss_sum = correct = 0.0
         for b, idx in enumerate(D.minibatches(n, batch_size, order_rng), 1):
-            x = to_device(split.x_train[idx], device)
+            x = to_device(x_train[idx], device)
             y = to_device(split.y_train[idx], device)
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -125,7 +127,7 @@ def train(split, epochs=30, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1
             bar.update(b, f"loss {loss_sum / min(b * batch_size, n):.4f}")
         bar.close()
         rec = {"epoch": epoch, "loss": loss_sum / n, "train_acc": correct / n,
-               "test_acc": accuracy(model, split.x_test, split.y_test, device),
+               "test_acc": accuracy(model, x_test, split.y_test, device),
                "seconds": time.perf_counter() - t0}
         history.append(rec)
         if not quiet:
@@ -184,8 +186,6 @@ def main(argv=None):
     except (ImportError, OSError, ValueError) as e:
         return fail(str(e))
     split = D.standardize(split)
-    dtype = np.dtype(args.dtype)
-    split.x_train, split.x_test = split.x_train.astype(dtype), split.x_test.astype(dtype)
     if not args.quiet:
         print(f"{split.name}: {len(split.y_train)} training and {len(split.y_test)} test "
               f"images of {split.x_train.shape[2]}x{split.x_train.shape[3]}, {split.classes} "
@@ -194,7 +194,7 @@ def main(argv=None):
     try:
         model, history = train(split, args.epochs, args.batch_size, args.lr, args.momentum,
                                args.weight_decay, args.activation, args.seed, args.device,
-                               dtype, args.quiet, schedule=args.schedule)
+                               np.dtype(args.dtype), args.quiet, schedule=args.schedule)
     except ValueError as e:  # e.g. a negative --lr, rejected by SGD with its own message
         return fail(str(e))
     seconds = time.perf_counter() - t0
