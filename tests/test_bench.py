@@ -218,6 +218,47 @@ def test_helpers():
     assert rel_error(np.ones((3, 2)), ref) == math.inf
 
 
+def test_cuda_registry_expansion_and_supports(tmp_path, monkeypatch, capsys):
+    """Without a GPU: a fake CUDA registry of NumPy functions run on the CPU kit exercises the
+    expansion of `cuda` into algorithms, --algo, supports() skips and the TF32 tolerance."""
+    from gpuconv.engines import numpy_engine as ne
+
+    def only_3x3(p, dtype):
+        return p.R == 3
+    fprop_3x3 = lambda p, x, w, b: ne.conv_fprop(p, x, w, b)  # noqa: E731
+    fprop_3x3.supports = only_3x3
+    reg = {"fprop": {"im2col_gemm": ne.conv_fprop, "igemm_tc_x": ne.conv_fprop,
+                     "wino": fprop_3x3},
+           "dgrad": {"im2col_gemm": ne.conv_dgrad}, "wgrad": {"im2col_gemm": ne.conv_wgrad}}
+    monkeypatch.setattr(bk, "cuda_registry", lambda: (reg, None))
+
+    def prepare(self, case):
+        from gpuconv.benchmark.timing import CpuKit
+        call = bk.engine_op(case.op, self.registry[case.op][self.algo])
+        return bk.Runner(self, case, call, case.sets, bk._cpu_kit(CpuKit), np.asarray)
+    monkeypatch.setattr(bk.CudaEngineBackend, "prepare", prepare)
+    monkeypatch.setattr(bk.CudaEngineBackend, "device", "cpu")  # no GPU roofline or L2 probe
+    ready, skipped = bk.resolve(["cuda", "baseline"])
+    assert [b.name for b in ready] == ["cuda:igemm_tc_x", "cuda:im2col_gemm", "cuda:wino"]
+    assert bk.resolve(["cuda"], algos=["wino"])[0][0].name == "cuda:wino"
+    assert bk.resolve(["cuda:nope"])[1][0][0] == "cuda:nope"
+    tc = ready[0]
+    assert tc.tolerance_key("float32") == "tf32" and tc.tolerance_key("float16") == "float16"
+    out = tmp_path / "c.json"
+    rc = cli.main(["--shape", "2,3,9,9,4,3,3,1,1", "--shape", "2,3,9,9,4,1,1",
+                   "--backend", "cuda,numpy", "--op", "fprop,dgrad", "--min-samples", "2",
+                   "--max-samples", "2", "--settle-ms", "0", "--quiet", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    text = capsys.readouterr().out
+    assert rc == 0
+    ran = {(r["layer"], r["op"], r["backend"]) for r in doc["results"]}
+    assert ("shape:2,3,9,9,4,3,3,1,1", "fprop", "cuda:wino") in ran
+    assert ("shape:2,3,9,9,4,1,1", "fprop", "cuda:wino") not in ran  # supports() said no
+    assert ("shape:2,3,9,9,4,1,1", "dgrad", "cuda:wino") not in ran  # no dgrad algorithm
+    assert "not run: cuda:wino" in text and "supports" in text
+    assert any(n["backend"] == "cuda:wino" for n in doc["not_run"])
+
+
 @pytest.mark.gpu
 def test_gpu_backends_check_and_time(tmp_path):
     """On the GPU machine: the CUDA engine's algorithms and cuDNN are checked and timed."""

@@ -104,8 +104,8 @@ class Backend:
         """None, or why this backend cannot run on this machine."""
         return None
 
-    def unsupported(self, op, dtype):
-        """None, or why this backend does not run (op, dtype)."""
+    def unsupported(self, op, dtype, problem=None):
+        """None, or why this backend does not run (op, dtype[, problem])."""
         return None
 
     def tolerance_key(self, dtype):
@@ -135,7 +135,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     description = "gpuconv NumPy engine (CPU)"
 
-    def unsupported(self, op, dtype):
+    def unsupported(self, op, dtype, problem=None):
         if dtype not in ("float32", "float64"):
             return f"the NumPy engine runs float32/float64 only (no {dtype} BLAS on the CPU)"
         return None
@@ -230,7 +230,7 @@ class TorchCpuBackend(Backend):
     def unavailable(self):
         return _torch_reason()
 
-    def unsupported(self, op, dtype):
+    def unsupported(self, op, dtype, problem=None):
         if dtype not in ("float32", "float64"):
             return f"compared on the CPU in float32/float64 only, not {dtype}"
         return None
@@ -280,7 +280,7 @@ class CudnnBackend(Backend):
     def unavailable(self):
         return torch_cuda_reason()
 
-    def unsupported(self, op, dtype):
+    def unsupported(self, op, dtype, problem=None):
         if self.tf32 and dtype != "float32":
             return "TF32 applies to float32 inputs only"
         return None
@@ -410,9 +410,17 @@ class CudaEngineBackend(Backend):
         base = " (im2col + cuBLAS: the baseline)" if algo == "im2col_gemm" else ""
         self.description = f"gpuconv CUDA engine, algorithm {algo}{base}"
 
-    def unsupported(self, op, dtype):
+    def unsupported(self, op, dtype, problem=None):
         if self.algo not in self.registry.get(op, {}):
             return f"no {op} algorithm named {self.algo!r} in cuda_engine.ALGORITHMS"
+        supports = getattr(self.registry[op][self.algo], "supports", None)
+        if problem is not None and callable(supports):
+            try:
+                ok = supports(problem, numpy_dtype(dtype))
+            except Exception as e:
+                return f"its supports() raised {type(e).__name__}: {e}"[:200]
+            if not ok:
+                return "its supports(problem, dtype) is False (shape, stride or dtype)"
         if dtype == "bfloat16":
             try:
                 import cupy
@@ -422,7 +430,9 @@ class CudaEngineBackend(Backend):
         return None
 
     def tolerance_key(self, dtype):
-        return "tf32" if dtype == "float32" and "tf32" in self.algo else dtype
+        """float32 on tensor cores ("_tc_" or "tf32" in the name) is TF32 arithmetic."""
+        tc = "_tc_" in self.algo or "tf32" in self.algo
+        return "tf32" if dtype == "float32" and tc else dtype
 
     def prepare(self, case):
         import cupy

@@ -217,11 +217,11 @@ def run(args, argv):
         not_run = {}
         for i, (layer, op, dt) in enumerate(cases):
             prog.step(f"{layer.name} {op} {dt}")
-            for b in ready:
-                why = b.unsupported(op, dt)
-                if why:
-                    not_run.setdefault((b.name, why), []).append(f"{op}/{dt}")
             case = runner.make_case(layer, op, dt, batch)
+            for b in ready:
+                why = b.unsupported(op, dt, case.problem)
+                if why:
+                    not_run.setdefault((b.name, why), []).append(f"{layer.name} {op}/{dt}")
             rows = runner.run_case(case, ready, settings, cache, roofs, i)
             doc["results"] += rows
             if rows:
@@ -234,7 +234,9 @@ def run(args, argv):
     doc["targets"] = report.target_checks(doc["summary"], suites.SUITE_TARGETS)
     print("\n".join(report.summary_lines(doc["summary"], doc["targets"])))
     for (name, why), what in not_run.items():
-        print(f"not run: {name} on {', '.join(sorted(set(what)))}: {why}")
+        what = sorted(set(what))
+        more = f" and {len(what) - 4} more" if len(what) > 4 else ""
+        print(f"not run: {name} on {', '.join(what[:4])}{more}: {why}")
     doc["settings"] = {"batch": batch, "ops": ops, "dtypes": args.dtype, "threads": threads,
                        "cache": args.cache, "cache_bytes": cache, "warmup_s": ts.warmup_s,
                        "min_samples": ts.min_samples, "max_samples": ts.max_samples,

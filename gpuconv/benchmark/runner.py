@@ -148,7 +148,7 @@ def run_case(case, backends_, settings, cache_bytes, roofs, case_index=0):
     """Rows (one per backend that supports the case) of one case."""
     itemsize = bk.numpy_dtype(case.dtype).itemsize
     rows, runners = [], {}
-    active = [(b, b.unsupported(case.op, case.dtype)) for b in backends_]
+    active = [(b, b.unsupported(case.op, case.dtype, case.problem)) for b in backends_]
     active = [b for b, why in active if why is None]
     if not active:
         return rows
