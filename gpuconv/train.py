@@ -139,24 +139,26 @@ def train(split, epochs=30, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1
 
 def _parser():
     p = argparse.ArgumentParser(
-        prog="gpuconv-train",
+        prog="gpuconv-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a LeNet-style ConvNet on handwritten digits with gpuconv's layers "
-                    "(default: scikit-learn's 8x8 digits, fixed 20%% test split).")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+                    "(default data: scikit-learn's 8x8 digits, a fixed 20% test split).")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=32, help="images per SGD step")
+    p.add_argument("--lr", type=float, default=0.05, help="(initial) learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty added to grads")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning-rate schedule: cosine decay to lr/100, or constant")
-    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu",
+                   help="activation after each conv and the hidden linear layer")
     p.add_argument("--seed", type=int, default=0,
-                   help="seeds the initial weights and the batch order (default 0)")
+                   help="seeds the initial weights and the batch order (not the test split)")
     p.add_argument("--mnist", metavar="DIR",
                    help="train on MNIST IDX files in DIR (train-images-idx3-ubyte[.gz], ...)")
     p.add_argument("--save", metavar="PATH", help="write the trained parameters to PATH (.npz)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="precision of parameters and data")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     return p
 
