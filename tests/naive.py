@@ -84,3 +84,18 @@ def max_pool(pp, x):
                                 best, arg = val, h * pp.W + v
                     y[n, c, i, j], idx[n, c, i, j] = best, arg
     return y, idx
+
+
+def central_difference(f, a, eps=1e-6):
+    """d f / d a for scalar f by central differences, every element of a."""
+    g = np.zeros_like(a)
+    flat, gflat = a.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f()
+        flat[i] = old - eps
+        fm = f()
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return g

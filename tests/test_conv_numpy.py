@@ -94,21 +94,6 @@ def test_float32_close_to_float64_reference(case):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def _central_difference(f, a, eps=1e-6):
-    """d f / d a for scalar f by central differences, every element of a."""
-    g = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f()
-        flat[i] = old - eps
-        fm = f()
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * eps)
-    return g
-
-
 FD_CASES = ["basic3x3", "stride2_uncovered", "stride3_pad2", "dil2_stride2", "groups3_stride2",
             "depthwise_mult2_s2", "pointwise_s2", "same_even", "pairs"]
 
@@ -125,10 +110,10 @@ def test_gradients_match_finite_differences(name):
         return float(np.sum(gc.conv2d(x, w, b, **kw) * dy))
 
     np.testing.assert_allclose(gc.conv2d_grad_input(x_shape, w, dy, **kw),
-                               _central_difference(loss, x), rtol=1e-6, atol=1e-7)
+                               naive.central_difference(loss, x), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(gc.conv2d_grad_weight(x, w_shape, dy, **kw),
-                               _central_difference(loss, w), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(gc.conv2d_grad_bias(dy), _central_difference(loss, b),
+                               naive.central_difference(loss, w), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gc.conv2d_grad_bias(dy), naive.central_difference(loss, b),
                                rtol=1e-6, atol=1e-7)
 
 

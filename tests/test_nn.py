@@ -17,7 +17,7 @@ from gpuconv import nn
 from gpuconv.device import cuda_unavailable_reason, device_of, parse_device, to_device
 
 # one finite-difference helper for the whole suite (it perturbs `a` in place and restores it)
-from .test_conv_numpy import _central_difference as numeric_grad
+from .naive import central_difference as numeric_grad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,15 +73,7 @@ def test_max_pool_backward_matches_finite_differences(case):
     y, idx = gc.max_pool2d(x, return_indices=True, **kw)
     dy = rng.standard_normal(y.shape)
     dx = gc.max_pool2d_backward(dy, idx, shape, **kw)
-    eps, fd = 1e-4, np.zeros_like(x)
-    for i in np.ndindex(*shape):
-        old = x[i]
-        x[i] = old + eps
-        fp = np.sum(gc.max_pool2d(x, **kw) * dy)
-        x[i] = old - eps
-        fm = np.sum(gc.max_pool2d(x, **kw) * dy)
-        x[i] = old
-        fd[i] = (fp - fm) / (2 * eps)
+    fd = naive.central_difference(lambda: np.sum(gc.max_pool2d(x, **kw) * dy), x, eps=1e-4)
     np.testing.assert_allclose(dx, fd, rtol=1e-6, atol=1e-8)
 
 
@@ -179,14 +171,6 @@ def test_maxout_backward_matches_finite_differences_on_other_axis():
     x = rng.standard_normal((3, 8))
     y, idx = gc.maxout(x, 4, axis=-1, return_indices=True)
     dy = rng.standard_normal(y.shape)
-    eps = 1e-6
-    fd = np.zeros_like(x)
-    for i in np.ndindex(*x.shape):
-        x[i] += eps
-        fp = np.sum(gc.maxout(x, 4, axis=-1) * dy)
-        x[i] -= 2 * eps
-        fm = np.sum(gc.maxout(x, 4, axis=-1) * dy)
-        x[i] += eps
-        fd[i] = (fp - fm) / (2 * eps)
+    fd = naive.central_difference(lambda: np.sum(gc.maxout(x, 4, axis=-1) * dy), x)
     np.testing.assert_allclose(gc.maxout_backward(dy, idx, 4, x.shape, axis=-1), fd,
                                rtol=1e-6, atol=1e-9)

@@ -78,7 +78,7 @@ def _default_auto(op, p, dtype):
     return "im2col_gemm"
 
 
-_auto_policy = _default_auto
+_auto_policy = _installed_policy = _default_auto
 
 
 def _check_op(op):
@@ -124,13 +124,13 @@ def use_algorithm(op, algo_name):
 
 
 def set_auto_policy(policy=None):
-    """Install `policy(op, p, dtype) -> algorithm name` for "auto" (None: always im2col_gemm;
-    the module installs _second_generation_policy at import).
+    """Install `policy(op, p, dtype) -> algorithm name` for "auto" (None: the module's own,
+    _second_generation_policy).
 
     This is the autotuner's hook; the name it returns must be registered for `op`.
     """
     global _auto_policy
-    _auto_policy = _default_auto if policy is None else policy
+    _auto_policy = _installed_policy if policy is None else policy
 
 
 def select(op, p, dtype):
@@ -378,4 +378,4 @@ def _second_generation_policy(op, p, dtype):
     return autotune.gpu_policy(op, p, dtype)
 
 
-set_auto_policy(_second_generation_policy)
+_auto_policy = _installed_policy = _second_generation_policy
