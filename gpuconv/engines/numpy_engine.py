@@ -28,10 +28,20 @@ _tls = threading.local()
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _pad(x, top, bottom, left, right, value=0.0):
+def _pad(x, top, bottom, left, right, value=0.0, slot="pad"):
+    """x with `value` rows/columns around it; into a reusable scratch buffer unless slot=None
+    (the result is then only valid until the next _pad of the same slot in this thread)."""
     if top == bottom == left == right == 0:
         return x
-    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=value)
+    n, c, h, w = x.shape
+    shape = (n, c, h + top + bottom, w + left + right)
+    out = np.empty(shape, x.dtype) if slot is None else _scratch(slot, shape, x.dtype)
+    out[:, :, :top] = value
+    out[:, :, top + h:] = value
+    out[:, :, top:top + h, :left] = value
+    out[:, :, top:top + h, left + w:] = value
+    out[:, :, top:top + h, left:left + w] = x
+    return out
 
 
 def _tap(xp, p: ConvProblem, r, s):
@@ -137,7 +147,15 @@ def _fprop(p: ConvProblem, x, w, bias=None):
         if bias is not None:
             y += bias.reshape(1, p.K, 1, 1)
         return y
-    return _gemm_to_nchw(np.matmul(wg, _im2col(p, x)), p, bias)
+    # One GEMM per image and group, written straight into y: col's image n is the (Cg*R*S, P*Q)
+    # slice col[g, :, n] (row stride N*P*Q, which BLAS takes as is), so no transposition pass.
+    col = _im2col(p, x).reshape(p.groups, p.Cg * p.R * p.S, p.N, p.P * p.Q)
+    y = np.empty((p.N, p.groups, p.Kg, p.P * p.Q), dtype=x.dtype)
+    np.matmul(wg, col.transpose(2, 0, 1, 3), out=y)
+    y = y.reshape(p.y_shape)
+    if bias is not None:
+        y += bias.reshape(1, p.K, 1, 1)
+    return y
 
 
 def _fprop_depthwise(p: ConvProblem, x, w, bias):
@@ -145,9 +163,8 @@ def _fprop_depthwise(p: ConvProblem, x, w, bias):
     xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
     wv = w.reshape(p.groups, p.Kg, p.R, p.S)
     if p.Kg == 1 and p.stride_h == p.stride_w == 1:
-        taps = [(wv[:, 0, r, s], r * p.dil_h, s * p.dil_w) for r in range(p.R)
-                for s in range(p.S)]
-        y = _flat_tap_sum(np.ascontiguousarray(xp), taps, p.P, p.Q)
+        taps = [(r * p.dil_h, s * p.dil_w) for r in range(p.R) for s in range(p.S)]
+        y = _flat_tap_sum(np.ascontiguousarray(xp), wv.reshape(p.C, p.R * p.S), taps, p.P, p.Q)
     else:
         y = np.zeros((p.N, p.groups, p.Kg, p.P, p.Q), dtype=x.dtype)
         tmp = np.empty_like(y)
@@ -162,28 +179,41 @@ def _fprop_depthwise(p: ConvProblem, x, w, bias):
     return y
 
 
-def _flat_tap_sum(planes, taps, out_h, out_w):
-    """out[n, c, i, j] = sum over taps (coef, dh, dw) of coef[c] * planes[n, c, i + dh, j + dw].
+def _flat_windows(flat, offsets, length, block=32):
+    """Yield (b0, b1, col): col[b, t, l] = flat[b0 + b, offsets[t] + l] for blocks of planes.
 
-    Works on each plane flattened: tap (dh, dw) is then a shift by dh*Wp + dw, so every
-    multiply-add runs over one contiguous range of (out_h - 1)*Wp + out_w elements instead of
-    out_h rows of out_w (measured 2x faster than the 5-D broadcast for a 56x56 depthwise 3x3).
-    The Wp - out_w columns between rows are computed and dropped. One image at a time keeps
-    the planes in cache.
+    With planes flattened, kernel tap (dh, dw) is a shift by dh*Wp + dw, so each tap's window
+    is one contiguous copy per plane. Blocks of 32 planes keep col in L2: measured 6.9 ms for
+    ResNet-style 144-channel 56x56 depthwise 3x3 at batch 8, vs 19 ms unblocked and 13 ms for
+    a multiply-add per tap.
+    """
+    nb = flat.shape[0]
+    col = np.empty((min(block, nb), len(offsets), length), flat.dtype)
+    for b0 in range(0, nb, block):
+        b1 = min(nb, b0 + block)
+        cb = col[:b1 - b0]
+        for t, off in enumerate(offsets):
+            cb[:, t] = flat[b0:b1, off:off + length]
+        yield b0, b1, cb
+
+
+def _flat_tap_sum(planes, coefs, taps, out_h, out_w):
+    """out[n, c, i, j] = sum_t coefs[c, t] * planes[n, c, i + dh_t, j + dw_t], taps = [(dh, dw)].
+
+    Per block of planes one batched (1 x T) @ (T x L) product over the flattened windows; the
+    Wp - out_w columns between output rows are computed and dropped.
     """
     n, c, hp, wp = planes.shape
-    flat = planes.reshape(n, c, hp * wp)
     length = (out_h - 1) * wp + out_w
-    acc = np.empty((n, c, out_h * wp), planes.dtype)
-    tmp = np.empty((c, length), planes.dtype)
-    for i in range(n):
-        a = acc[i, :, :length]
-        for t, (coef, dh, dw) in enumerate(taps):
-            off = dh * wp + dw
-            np.multiply(flat[i, :, off:off + length], coef[:, None], out=a if t == 0 else tmp)
-            if t:
-                a += tmp
-    return np.ascontiguousarray(acc.reshape(n, c, out_h, wp)[:, :, :, :out_w])
+    rows = np.broadcast_to(coefs[None, :, None, :], (n, c, 1, len(taps))).reshape(n * c, 1, -1)
+    acc = np.empty((n * c, 1, length), planes.dtype)
+    offsets = [dh * wp + dw for dh, dw in taps]
+    for b0, b1, cb in _flat_windows(planes.reshape(n * c, hp * wp), offsets, length):
+        np.matmul(rows[b0:b1], cb, out=acc[b0:b1])
+    item = acc.itemsize  # output (i, j) sits at i*wp + j of its plane's row of acc
+    return np.ascontiguousarray(as_strided(acc, (n, c, out_h, out_w),
+                                           (c * length * item, length * item, wp * item, item),
+                                           writeable=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,14 +251,12 @@ def _wgrad_depthwise(p: ConvProblem, x, dy):
         length = (p.P - 1) * wp + p.Q
         dyw = np.zeros((p.N, p.C, p.P, wp), dy.dtype)
         dyw[..., :p.Q] = dy
-        dyf = dyw.reshape(p.N, p.C, 1, p.P * wp)[..., :length]
-        xf = xp.reshape(p.N, p.C, hp * wp)
-        for r in range(p.R):
-            for s in range(p.S):
-                off = r * p.dil_h * wp + s * p.dil_w
-                dots = np.matmul(dyf, xf[:, :, off:off + length, None])  # (N, C, 1, 1)
-                dw[:, 0, r, s] = dots.sum(axis=(0, 2, 3))
-        return dw.reshape(p.w_shape)
+        dyf = dyw.reshape(p.N * p.C, p.P * wp, 1)[:, :length]
+        offsets = [r * p.dil_h * wp + s * p.dil_w for r in range(p.R) for s in range(p.S)]
+        part = np.empty((p.N * p.C, p.R * p.S, 1), dy.dtype)
+        for b0, b1, cb in _flat_windows(xp.reshape(p.N * p.C, hp * wp), offsets, length):
+            np.matmul(cb, dyf[b0:b1], out=part[b0:b1])  # (B, T, L) @ (B, L, 1)
+        return part.reshape(p.N, p.C, p.R, p.S).sum(axis=0).reshape(p.w_shape)
     dy5 = dy.reshape(p.N, p.groups, p.Kg, p.P, p.Q)
     for r in range(p.R):
         for s in range(p.S):
@@ -273,14 +301,15 @@ def _dgrad(p: ConvProblem, w, dy):
     """
     ph_h, lo_h, hi_h = _phase_taps(p.H, p.pad_h, p.R, p.dil_h, p.stride_h, p.P)
     ph_w, lo_w, hi_w = _phase_taps(p.W, p.pad_w, p.S, p.dil_w, p.stride_w, p.Q)
-    dx = np.zeros(p.x_shape, dtype=dy.dtype)
+    dx = np.zeros(p.x_shape, dtype=dy.dtype)  # (lazily zeroed pages: no pass when unused)
     if p.is_depthwise and p.Kg == 1 and p.stride_h == p.stride_w == 1:
         # one phase; its mirrored taps as shifts of the padded dy planes
         (_, _, taps_h), (_, _, taps_w) = ph_h[0], ph_w[0]
         w3 = w.reshape(p.C, p.R, p.S)
-        taps = [(w3[:, r, s], lo_h + oh, lo_w + ow) for r, oh in taps_h for s, ow in taps_w]
+        coefs = np.stack([w3[:, r, s] for r, _ in taps_h for s, _ in taps_w], axis=1)
+        taps = [(lo_h + oh, lo_w + ow) for _, oh in taps_h for _, ow in taps_w]
         dyp = np.ascontiguousarray(_pad(dy, lo_h, hi_h, lo_w, hi_w))
-        return _flat_tap_sum(dyp, taps, p.H, p.W)
+        return _flat_tap_sum(dyp, coefs, taps, p.H, p.W)
     if p.is_depthwise:
         dyp = _pad(dy, lo_h, hi_h, lo_w, hi_w)
         gather = _dgrad_phase_depthwise
@@ -292,19 +321,23 @@ def _dgrad(p: ConvProblem, w, dy):
     w6 = w.reshape(p.groups, p.Kg, p.Cg, p.R, p.S)
     for h0, n_i, taps_h in ph_h:
         for w0, n_j, taps_w in ph_w:
-            if n_i and n_j and taps_h and taps_w:  # else no tap reaches them: dx stays 0
+            if not (n_i and n_j and taps_h and taps_w):
+                continue  # no tap reaches these pixels: dx stays exactly 0
+            if (n_i, n_j) == (p.H, p.W):  # stride 1: the only phase is the whole of dx
+                gather(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w, out=dx)
+            else:
                 dx[:, :, h0::p.stride_h, w0::p.stride_w] = gather(
                     p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w)
     return dx
 
 
 def _dgrad_channel_first(p, w, dy, ph_h, ph_w, dx):
-    dy_t = _scratch("dy_t", (p.groups, p.Kg, p.N, p.P * p.Q), dy.dtype)
-    dy_t[...] = dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q).transpose(1, 2, 0, 3)
+    # dcol[n, g, (cg, r, s), (p, q)] = sum_kg w[g, kg, cg, r, s] * dy[n, g, kg, p, q]: one GEMM
+    # per image and group, reading dy in place.
     wt = w.reshape(p.groups, p.Kg, p.Cg * p.R * p.S).transpose(0, 2, 1)  # (G, Cg*R*S, Kg)
-    dcol = _scratch("col", (p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q), dy.dtype)
-    np.matmul(wt, dy_t.reshape(p.groups, p.Kg, p.N * p.P * p.Q), out=dcol)
-    dcol = dcol.reshape(p.C, p.R, p.S, p.N, p.P, p.Q)
+    dcol = _scratch("col", (p.N, p.groups, p.Cg * p.R * p.S, p.P * p.Q), dy.dtype)
+    np.matmul(wt, dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q), out=dcol)
+    dcol = dcol.reshape(p.N, p.C, p.R, p.S, p.P, p.Q)
     for h0, n_i, taps_h in ph_h:
         for w0, n_j, taps_w in ph_w:
             acc = dx[:, :, h0::p.stride_h, w0::p.stride_w]  # (N, C, I, J) view
@@ -313,8 +346,8 @@ def _dgrad_channel_first(p, w, dy, ph_h, ph_w, dx):
                 for s, ow in taps_w:
                     j0, j1 = max(0, -ow), min(n_j, p.Q - ow)
                     if i0 < i1 and j0 < j1:
-                        src = dcol[:, r, s, :, oh + i0:oh + i1, ow + j0:ow + j1]
-                        acc[:, :, i0:i1, j0:j1] += src.transpose(1, 0, 2, 3)
+                        acc[:, :, i0:i1, j0:j1] += dcol[:, :, r, s, oh + i0:oh + i1,
+                                                        ow + j0:ow + j1]
     return dx
 
 
@@ -322,10 +355,10 @@ def _dy_tap(dyp, off_h, off_w, n_i, n_j):
     return dyp[:, :, off_h:off_h + n_i, off_w:off_w + n_j]
 
 
-def _dgrad_phase_gemm(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w):
-    """One stride phase as one batched GEMM: (G, Cg, Kg*T) @ (G, Kg*T, N*I*J)."""
+def _dgrad_phase_gemm(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w, out=None):
+    """One stride phase: per image and group, (Cg, Kg*T) @ (Kg*T, I*J) -> (N, C, I, J)."""
     th, tw = len(taps_h), len(taps_w)
-    col = np.empty((p.groups, p.Kg, th, tw, p.N, n_i, n_j), dtype=dyp.dtype)
+    col = _scratch("col", (p.groups, p.Kg, th, tw, p.N, n_i, n_j), dyp.dtype)
     for a, (_, oh) in enumerate(taps_h):
         for b, (_, ow) in enumerate(taps_w):
             v = _dy_tap(dyp, lo_h + oh, lo_w + ow, n_i, n_j)  # (N, K, I, J)
@@ -334,22 +367,26 @@ def _dgrad_phase_gemm(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w):
     rs_w = [s for s, _ in taps_w]
     wsub = w6[:, :, :, rs_h][:, :, :, :, rs_w]  # (G, Kg, Cg, th, tw), mirrored tap order
     wsub = wsub.transpose(0, 2, 1, 3, 4).reshape(p.groups, p.Cg, p.Kg * th * tw)
-    out = np.matmul(wsub, col.reshape(p.groups, p.Kg * th * tw, p.N * n_i * n_j))
-    return out.reshape(p.C, p.N, n_i, n_j).transpose(1, 0, 2, 3)
+    col = col.reshape(p.groups, p.Kg * th * tw, p.N, n_i * n_j).transpose(2, 0, 1, 3)
+    res = np.matmul(wsub, col, out=None if out is None else
+                    out.reshape(p.N, p.groups, p.Cg, n_i * n_j))  # (N, G, Cg, I*J)
+    return res.reshape(p.N, p.C, n_i, n_j)
 
 
-def _dgrad_phase_depthwise(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w):
-    out = np.zeros((p.N, p.groups, n_i, n_j), dtype=dyp.dtype)
+def _dgrad_phase_depthwise(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w, out=None):
+    acc = np.zeros((p.N, p.groups, n_i, n_j), dtype=dyp.dtype)
     for r, oh in taps_h:
         for s, ow in taps_w:
             v = _dy_tap(dyp, lo_h + oh, lo_w + ow, n_i, n_j).reshape(
                 p.N, p.groups, p.Kg, n_i, n_j)
             wk = w6[:, :, 0, r, s]  # (G, Kg)
             if p.Kg == 1:
-                out += v[:, :, 0] * wk[None, :, 0, None, None]
+                acc += v[:, :, 0] * wk[None, :, 0, None, None]
             else:
-                out += np.einsum("ngkij,gk->ngij", v, wk)
-    return out
+                acc += np.einsum("ngkij,gk->ngij", v, wk)
+    if out is not None:
+        out[...] = acc
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +395,7 @@ def _dgrad_phase_depthwise(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w):
 # ---------------------------------------------------------------------------------------------
 def pool_fprop(pp: PoolProblem, x):
     """Returns y (N, C, P, Q) and idx (N, C, P, Q) int64: h*W + w of the max in the input plane."""
-    xp = _pad(x, pp.pad_h, pp.pad_h_end, pp.pad_w, pp.pad_w_end, value=-np.inf)
+    xp = _pad(x, pp.pad_h, pp.pad_h_end, pp.pad_w, pp.pad_w_end, value=-np.inf, slot=None)
     sN, sC, sH, sW = xp.strides
     win = as_strided(xp, shape=(pp.N, pp.C, pp.P, pp.Q, pp.R, pp.S),
                      strides=(sN, sC, sH * pp.stride_h, sW * pp.stride_w,
