@@ -72,14 +72,24 @@ def _im2col(p: ConvProblem, x, slot="col"):
     """col (G, Cg*R*S, N*P*Q): column (n, p, q) holds the receptive field of output (n, p, q).
 
     One strided copy per kernel tap: measured 2.2x faster than reshaping a 7-D strided view
-    (3.4 vs 7.5 ms for ResNet-50's 3x3 at batch 8), because each copy moves whole rows.
+    (3.4 vs 7.5 ms for ResNet-50's 3x3 at batch 8), because each copy moves whole rows. For
+    stride > 1 the padded input is first split into its stride phases, so that every tap reads
+    unit-stride rows of one phase.
     """
     xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
     col = _scratch(slot, (p.groups, p.Cg, p.R, p.S, p.N, p.P, p.Q), x.dtype)
+    phases = {}
     for r in range(p.R):
         for s in range(p.S):
-            v = _tap(xp, p, r, s).reshape(p.N, p.groups, p.Cg, p.P, p.Q)
-            col[:, :, r, s] = v.transpose(1, 2, 0, 3, 4)
+            if p.stride_h == p.stride_w == 1:
+                v = _tap(xp, p, r, s)
+            else:
+                i0, a = divmod(r * p.dil_h, p.stride_h)  # row r*dil + i*stride of phase a
+                j0, b = divmod(s * p.dil_w, p.stride_w)
+                if (a, b) not in phases:
+                    phases[a, b] = np.ascontiguousarray(xp[:, :, a::p.stride_h, b::p.stride_w])
+                v = phases[a, b][:, :, i0:i0 + p.P, j0:j0 + p.Q]
+            col[:, :, r, s] = v.reshape(p.N, p.groups, p.Cg, p.P, p.Q).transpose(1, 2, 0, 3, 4)
     return col.reshape(p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q)
 
 
