@@ -15,7 +15,8 @@ as in PyTorch, the extra row/column goes at the bottom/right (``pad_h_end = pad_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 import numbers
 
 OPS = ("fprop", "dgrad", "wgrad")
@@ -137,12 +138,12 @@ class ConvProblem:
                    groups, pads[2], pads[3])
 
     # ---- sizes ---------------------------------------------------------------------------------
-    @property
+    @cached_property
     def P(self) -> int:
         return (self.H + self.pad_h + self.pad_h_end - self.dil_h * (self.R - 1) - 1) \
             // self.stride_h + 1
 
-    @property
+    @cached_property
     def Q(self) -> int:
         return (self.W + self.pad_w + self.pad_w_end - self.dil_w * (self.S - 1) - 1) \
             // self.stride_w + 1
@@ -209,9 +210,7 @@ class ConvProblem:
 
     def with_batch(self, n: int) -> "ConvProblem":
         """The same problem on a batch of `n` (used to chunk the batch)."""
-        d = dict(self.__dict__)
-        d["N"] = int(n)
-        return ConvProblem(**d)
+        return replace(self, N=int(n))
 
     def __str__(self):
         s = (f"N{self.N} C{self.C} H{self.H} W{self.W} K{self.K} R{self.R} S{self.S} "

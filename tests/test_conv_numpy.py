@@ -230,3 +230,19 @@ def test_both_dgrad_orders_are_exercised_and_agree():
         np.testing.assert_allclose(first, ref, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(gc.conv2d_grad_input(x_shape, w, dy, **kw), ref,
                                    rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
+def test_per_tap_im2col_path_matches_naive(case, monkeypatch):
+    """Small problems take the one-copy im2col; force the per-tap (and stride-phase) path."""
+    from gpuconv.engines import numpy_engine
+    monkeypatch.setattr(numpy_engine, "SMALL_IM2COL", 0)
+    _, x_shape, w_shape, kw = case
+    rng = np.random.default_rng(13)
+    x, w, b = _data(rng, x_shape, w_shape)
+    p = _problem(x_shape, w_shape, kw)
+    dy = rng.standard_normal(p.y_shape)
+    np.testing.assert_allclose(gc.conv2d(x, w, b, **kw), naive.conv_fprop(p, x, w, b),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gc.conv2d_grad_weight(x, w_shape, dy, **kw),
+                               naive.conv_wgrad(p, x, dy), rtol=1e-12, atol=1e-12)

@@ -22,6 +22,7 @@ SCRATCH_KEEP_BYTES = 256 << 20
 # Column matrices above this are built for part of the batch at a time (VGG-16 conv1_2 at batch
 # 32 would need 3.7 GB). Module attribute, so users and tests can change it.
 WORKSPACE_BYTES = 512 << 20
+SMALL_IM2COL = 1 << 18  # elements; below this im2col is one strided copy instead of one per tap
 _tls = threading.local()
 
 
@@ -78,6 +79,12 @@ def _im2col(p: ConvProblem, x, slot="col"):
     """
     xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
     col = _scratch(slot, (p.groups, p.Cg, p.R, p.S, p.N, p.P, p.Q), x.dtype)
+    if col.size <= SMALL_IM2COL:  # one strided copy: per-call overhead dominates small layers
+        sN, sC, sH, sW = xp.strides
+        np.copyto(col, as_strided(xp, shape=col.shape, writeable=False,
+                                  strides=(sC * p.Cg, sC, sH * p.dil_h, sW * p.dil_w, sN,
+                                           sH * p.stride_h, sW * p.stride_w)))
+        return col.reshape(p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q)
     phases = {}
     for r in range(p.R):
         for s in range(p.S):
