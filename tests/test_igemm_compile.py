@@ -25,20 +25,8 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolk
 
 
 def translation_unit(file):
-    names = dict(ig.IGEMM_KERNELS)[file]
-    src = _cuda.kernel_source(file)
-    lines = [src, "#include <cstddef>"]
-    for struct, dtype in ig.STRUCTS:
-        if f"struct {struct}" not in src:
-            continue
-        lines.append(f"static_assert(sizeof({struct}) == {dtype.itemsize}, \"{struct} size\");")
-        for f in dtype.names:
-            lines.append(f"static_assert(offsetof({struct}, {f}) == {dtype.fields[f][1]}, "
-                         f"\"{struct}.{f} offset\");")
-    lines.append("void* gpuconv_igemm_instantiations[] = {")
-    lines += [f"    (void*)&{n}," for n in names]
-    lines.append("};")
-    return "\n".join(lines) + "\n"
+    return _cuda.instantiation_source(file, names=dict(ig.IGEMM_KERNELS)[file],
+                                      structs=ig.STRUCTS)
 
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
