@@ -171,13 +171,14 @@ MIN_CUPY = (14, 2)
 _cuda_ok = False
 
 
-def _unavailable_reason():
-    """None if CUDA is usable, else a sentence saying why not."""
+def unavailable_reason():
+    """None if CUDA is usable, else a sentence saying why not: no CuPy, a CuPy too old, no
+    driver, or no device (their fixes differ). The one copy of this probe."""
     try:
         import cupy
     except ImportError as e:
-        return (f"CuPy is not installed ({e}); install gpuconv[cuda12] or gpuconv[cuda13] "
-                "(cupy-cuda12x/cupy-cuda13x >= 14.2)")
+        return (f"CuPy is not installed (ImportError: {e}); install it with "
+                "pip install gpuconv[cuda12] or gpuconv[cuda13] (cupy >= 14.2)")
     except Exception as e:  # a broken install: say what broke
         return f"CuPy failed to import ({type(e).__name__}: {e})"
     version = tuple(int(v) for v in re.findall(r"\d+", cupy.__version__)[:2])
@@ -190,7 +191,7 @@ def _unavailable_reason():
         msg = str(e)
         if "NoDevice" in msg or "no CUDA-capable device" in msg:
             return f"no CUDA device is visible ({msg})"
-        if "Driver" in msg or "driver" in msg:
+        if "Driver" in msg or "driver" in msg or "libcuda" in msg:
             return (f"no usable NVIDIA driver: CuPy is installed but the CUDA driver is missing "
                     f"or too old ({msg})")
         return f"CUDA is not usable ({type(e).__name__}: {msg})"
@@ -201,14 +202,14 @@ def _unavailable_reason():
 
 def cuda_available() -> bool:
     """True if CuPy, an NVIDIA driver and at least one CUDA device are usable."""
-    return _cuda_ok or _unavailable_reason() is None
+    return _cuda_ok or unavailable_reason() is None
 
 
 def require_cuda():
     """Return the cupy module, or raise CudaUnavailableError naming why CUDA cannot be used."""
     global _cuda_ok
     if not _cuda_ok:
-        reason = _unavailable_reason()
+        reason = unavailable_reason()
         if reason is not None:
             raise CudaUnavailableError(f"the CUDA engine is unavailable: {reason}")
         _cuda_ok = True

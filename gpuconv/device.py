@@ -36,38 +36,27 @@ def parse_device(device):
 
 
 def cuda_unavailable_reason(index=None):
-    """None if CUDA device `index` (None: the current one) is usable, else a one-line reason.
-
-    Distinguishes the three usual causes, because their fixes differ: CuPy not installed
-    (install the extra), no working driver (install/upgrade the NVIDIA driver), no device.
-    """
-    try:
-        import cupy
-    except Exception as e:  # ImportError, or a CuPy build broken against this system
-        return (f"CuPy is not importable ({type(e).__name__}: {e}); install it with "
-                "pip install gpuconv[cuda12] (or gpuconv[cuda13])")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDARuntimeError, or a missing libcuda raising something else
-        text = str(e)
-        if "InsufficientDriver" in text or "NoDriver" in text or "libcuda" in text:
-            return f"no usable NVIDIA driver was found ({text})"
-        if "NoDevice" in text:
-            return f"no CUDA device is present ({text})"
-        return f"CUDA is not usable ({type(e).__name__}: {text})"
-    if count < 1:
-        return "no CUDA device is present (the driver reports 0 devices)"
-    if index is not None and not 0 <= index < count:
+    """None if CUDA device `index` (None: the current one) is usable, else a one-line reason:
+    gpuconv.cuda's probe (no CuPy / too old / no driver / no device), plus the index check."""
+    from .cuda import unavailable_reason
+    reason = unavailable_reason()
+    if reason is not None or index is None:
+        return reason
+    import cupy
+    count = cupy.cuda.runtime.getDeviceCount()
+    if not 0 <= index < count:
         return f"CUDA device {index} does not exist (this machine has {count})"
     return None
 
 
 def require_cuda(index=None):
-    """Import and return cupy if CUDA device `index` is usable; RuntimeError saying why not."""
+    """Import and return cupy if CUDA device `index` is usable; CudaUnavailableError (a
+    RuntimeError) saying why not."""
+    from .cuda import CudaUnavailableError
     reason = cuda_unavailable_reason(index)
     if reason is not None:
         where = "cuda" if index is None else f"cuda:{index}"
-        raise RuntimeError(f"device '{where}' is unavailable: {reason}")
+        raise CudaUnavailableError(f"device '{where}' is unavailable: {reason}")
     import cupy
     return cupy
 

@@ -446,6 +446,7 @@ def fake_cupy(monkeypatch):
             return count
         runtime = types.SimpleNamespace(getDeviceCount=get_count)
         mod = types.ModuleType("cupy")
+        mod.__version__ = "14.2.0"
         mod.cuda = types.SimpleNamespace(runtime=runtime)
         monkeypatch.setitem(sys.modules, "cupy", mod)
     return install
@@ -453,7 +454,7 @@ def fake_cupy(monkeypatch):
 
 def test_cuda_unavailable_reasons_name_the_cause(monkeypatch, fake_cupy):
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
-    assert "CuPy is not importable" in cuda_unavailable_reason()
+    assert "CuPy is not installed" in cuda_unavailable_reason()
     assert "pip install gpuconv[cuda12]" in cuda_unavailable_reason()
     fake_cupy(RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient"))
     assert "no usable NVIDIA driver" in cuda_unavailable_reason()

@@ -220,7 +220,7 @@ def test_cli_device_cuda_without_cupy(tmp_path):
     pythonpath = os.pathsep.join([str(tmp_path / "fake"), os.getcwd(),
                                   os.environ.get("PYTHONPATH", "")])
     proc = run_cli(["--device", "cuda", "--epochs", "1"], {"PYTHONPATH": pythonpath})
-    check_cuda_failure(proc, "CuPy is not importable (ImportError: simulated: CuPy missing)")
+    check_cuda_failure(proc, "CuPy is not installed (ImportError: simulated: CuPy missing)")
 
 
 def test_cli_device_cuda_on_this_machine():
