@@ -119,8 +119,7 @@ def _is_pointwise(p: ConvProblem):
 # entry points: the batch is processed in chunks when the column matrix would exceed the limit
 # ---------------------------------------------------------------------------------------------
 def _batch_chunks(p: ConvProblem, op, itemsize):
-    one = p.with_batch(1)
-    per_image = one.im2col_elements()
+    per_image = p.im2col_elements() // p.N
     if op == "dgrad":  # the larger of the two dgrad intermediates (see _dgrad)
         per_image = max(per_image, p.K * p.R * p.S * p.H * p.W)
     n = max(1, WORKSPACE_BYTES // max(1, per_image * itemsize))
