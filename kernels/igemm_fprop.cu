@@ -14,7 +14,7 @@
 //
 // Variants (template): T x MODE (SIMT fp32/fp64, mma f16/bf16, mma tf32) x tile; the list that is
 // compiled, launched, autotuned and compile-tested is IGEMM_CONFIGS in
-// gpuconv/engines/cuda_igemm.py. Bench: gpuconv-bench --algo igemm_* (see bench/NOTES_igemm.md).
+// gpuconv/engines/cuda_igemm.py. Bench: gpuconv-bench --algo igemm_* (see bench/NOTES.md, "CUDA engine, generation 2").
 #include "igemm_common.cuh"
 
 template <typename T>
