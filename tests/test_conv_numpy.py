@@ -21,23 +21,27 @@ def _problem(x_shape, w_shape, kw):
                                  kw.get("dilation", 1), kw.get("groups", 1))
 
 
-@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
-def test_three_ops_match_naive_loops_float64(case):
-    _, x_shape, w_shape, kw = case
-    rng = np.random.default_rng(1)
+def _assert_matches_naive(x_shape, w_shape, kw, seed, ops=("fprop", "dgrad", "wgrad")):
+    """gpuconv's ops against the naive loops in float64, on random data from `seed`."""
+    rng = np.random.default_rng(seed)
     x, w, b = _data(rng, x_shape, w_shape)
     p = _problem(x_shape, w_shape, kw)
     dy = rng.standard_normal(p.y_shape)
+    runs = {"fprop": (lambda: gc.conv2d(x, w, b, **kw), lambda: naive.conv_fprop(p, x, w, b)),
+            "dgrad": (lambda: gc.conv2d_grad_input(x_shape, w, dy, **kw),
+                      lambda: naive.conv_dgrad(p, w, dy)),
+            "wgrad": (lambda: gc.conv2d_grad_weight(x, w_shape, dy, **kw),
+                      lambda: naive.conv_wgrad(p, x, dy))}
+    for op in ops:
+        got, want = runs[op][0](), runs[op][1]()
+        assert got.shape == want.shape and got.dtype == np.float64, op
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=op)
 
-    y = gc.conv2d(x, w, b, **kw)
-    assert y.shape == p.y_shape and y.dtype == np.float64
-    np.testing.assert_allclose(y, naive.conv_fprop(p, x, w, b), rtol=1e-12, atol=1e-12)
 
-    dx = gc.conv2d_grad_input(x_shape, w, dy, **kw)
-    np.testing.assert_allclose(dx, naive.conv_dgrad(p, w, dy), rtol=1e-12, atol=1e-12)
-
-    dw = gc.conv2d_grad_weight(x, w_shape, dy, **kw)
-    np.testing.assert_allclose(dw, naive.conv_wgrad(p, x, dy), rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
+def test_three_ops_match_naive_loops_float64(case):
+    _, x_shape, w_shape, kw = case
+    _assert_matches_naive(x_shape, w_shape, kw, seed=1)
 
 
 def _random_problems(count, seed):
@@ -62,17 +66,7 @@ def _random_problems(count, seed):
 
 @pytest.mark.parametrize("case", _random_problems(40, seed=7))
 def test_random_shapes_match_naive_loops(case):
-    x_shape, w_shape, kw = case
-    rng = np.random.default_rng(2)
-    x, w, b = _data(rng, x_shape, w_shape)
-    p = _problem(x_shape, w_shape, kw)
-    dy = rng.standard_normal(p.y_shape)
-    np.testing.assert_allclose(gc.conv2d(x, w, b, **kw), naive.conv_fprop(p, x, w, b),
-                               rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(gc.conv2d_grad_input(x_shape, w, dy, **kw),
-                               naive.conv_dgrad(p, w, dy), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(gc.conv2d_grad_weight(x, w_shape, dy, **kw),
-                               naive.conv_wgrad(p, x, dy), rtol=1e-12, atol=1e-12)
+    _assert_matches_naive(*case, seed=2)
 
 
 @pytest.mark.parametrize("case", PROBLEMS[:12] + PROBLEMS[15:18], ids=IDS[:12] + IDS[15:18])
@@ -238,11 +232,4 @@ def test_per_tap_im2col_path_matches_naive(case, monkeypatch):
     from gpuconv.engines import numpy_engine
     monkeypatch.setattr(numpy_engine, "SMALL_IM2COL", 0)
     _, x_shape, w_shape, kw = case
-    rng = np.random.default_rng(13)
-    x, w, b = _data(rng, x_shape, w_shape)
-    p = _problem(x_shape, w_shape, kw)
-    dy = rng.standard_normal(p.y_shape)
-    np.testing.assert_allclose(gc.conv2d(x, w, b, **kw), naive.conv_fprop(p, x, w, b),
-                               rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(gc.conv2d_grad_weight(x, w_shape, dy, **kw),
-                               naive.conv_wgrad(p, x, dy), rtol=1e-12, atol=1e-12)
+    _assert_matches_naive(x_shape, w_shape, kw, seed=13, ops=("fprop", "wgrad"))
