@@ -1,0 +1,407 @@
+"""Run the second-generation CUDA kernels (kernels/igemm_*.cu, winograd.cu, direct_depthwise.cu)
+on the CPU, faithfully enough for block-cooperative kernels.
+
+tests/kernel_host.py runs every (block, thread) one after another, which is only valid for
+kernels whose threads never talk to each other. The implicit-GEMM kernels share shared-memory
+tiles and call __syncthreads, and dw_wgrad reduces through shared memory, so here every thread of
+a block is a *fiber* (ucontext) on one OS thread:
+
+- a block's blockDim threads start as fibers; each runs until it reaches __syncthreads (or
+  returns); when every fiber of the block has arrived, all are released for the next interval.
+  That is a legal CUDA schedule (sequentially consistent, barriers respected; the SIMT kernels
+  use no warp-synchronous primitives). The order in which fibers run inside an interval is
+  selectable (forward, reverse, seeded shuffle): a race-free kernel gives bitwise the same
+  result under every order, so comparing orders detects shared-memory races.
+- `__shared__` is `static`; blocks run one after another, so that one copy per instantiation is
+  the running block's shared memory. Every such variable (a function-local static, `_ZZ...` in
+  the library's symbol table) is filled with 0xFF bytes (NaN as float/double) before every
+  block: a kernel that relied on shared memory being zero, or read what it never wrote, produces
+  NaN.
+- __syncthreads reached by only part of a block (divergent barrier: undefined behaviour on a GPU)
+  and __ldg of a 16-byte vector at a misaligned address are recorded as errors, which the Python
+  side raises after the launch.
+- threadIdx/blockIdx/blockDim/gridDim come from the launch: the grid and block the host code of
+  gpuconv.engines.cuda_igemm computed (HostKernel mirrors a cupy.RawKernel call).
+- Arguments travel as cuLaunchKernel's kernelParams do (an array of pointers to the argument
+  values); each kernel reports its parameter sizes, and a launch whose typed NumPy scalars,
+  structs (a (1,) structured array) or array element sizes do not match is refused.
+
+Only the SIMT instantiations run (float, double). The tensor-core instantiations (mma.sync
+inline PTX) and the 16-bit conversions (cvt PTX) cannot run on a CPU and are not compiled.
+
+The shim's basic macros (__global__, __device__, dim3 globals, ...) are kernel_host.SHIM.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from gpuconv.cuda import kernel_source
+from gpuconv.engines import cuda_igemm as ig
+
+from .kernel_host import CXX, SHIM as BASE_SHIM
+
+# hidden visibility: each library keeps its own shim state (blockIdx, the fibers, ...) instead of
+# sharing one process-wide copy through GNU unique symbols
+CXXFLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
+
+SHIM = BASE_SHIM + r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <ucontext.h>
+#include <algorithm>
+#include <type_traits>
+#include <utility>
+#include <vector>
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+#define GC_EXPORT __attribute__((visibility("default")))
+struct __attribute__((aligned(16))) uint4 { unsigned int x, y, z, w; };
+using std::min;
+using std::max;
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+
+namespace gc {
+enum { RUN, WAIT, DONE };
+struct Fiber { ucontext_t ctx; int state; long syncs; char* stack; };
+const size_t STACK = 256 << 10;
+inline ucontext_t sched;
+inline std::vector<Fiber> fibers;
+inline unsigned cur;
+inline void (*body)(void*);
+inline void* body_arg;
+inline int order = 0;                     // 0 forward, 1 reverse, 2 shuffled per interval
+inline unsigned long long seed = 1;
+inline long errors = 0;
+inline char errmsg[512];
+inline long barriers = 0;                 // intervals completed (all blocks), for tests
+inline std::vector<std::pair<void*, size_t>> shared_vars;   // registered by the Python side
+
+inline void error(const char* what) {
+    if (!errors++)
+        snprintf(errmsg, sizeof errmsg, "%s (block %u,%u,%u thread %u)", what, blockIdx.x,
+                 blockIdx.y, blockIdx.z, threadIdx.x);
+}
+inline void entry() { body(body_arg); fibers[cur].state = DONE; }
+
+inline void run_block(unsigned n) {
+    if (fibers.size() < n) fibers.resize(n, Fiber{});
+    for (unsigned t = 0; t < n; ++t) {
+        Fiber& f = fibers[t];
+        if (!f.stack) f.stack = (char*)malloc(STACK);
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = STACK;
+        f.ctx.uc_link = &sched;
+        makecontext(&f.ctx, (void (*)())entry, 0);
+        f.state = RUN;
+        f.syncs = 0;
+    }
+    std::vector<unsigned> perm(n);
+    for (;;) {
+        for (unsigned i = 0; i < n; ++i) perm[i] = order == 1 ? n - 1 - i : i;
+        if (order == 2)
+            for (unsigned i = n; i > 1; --i) {
+                seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+                std::swap(perm[i - 1], perm[(seed >> 33) % i]);
+            }
+        for (unsigned i = 0; i < n; ++i) {
+            const unsigned t = perm[i];
+            if (fibers[t].state != RUN) continue;
+            cur = t;
+            threadIdx.x = t % blockDim.x;
+            threadIdx.y = (t / blockDim.x) % blockDim.y;
+            threadIdx.z = t / (blockDim.x * blockDim.y);
+            swapcontext(&sched, &fibers[t].ctx);
+        }
+        unsigned waiting = 0, done = 0;
+        for (unsigned t = 0; t < n; ++t) (fibers[t].state == WAIT ? waiting : done) += 1;
+        if (!waiting) break;
+        ++barriers;
+        if (done) error("__syncthreads reached by only part of the block");
+        for (unsigned t = 0; t < n; ++t)
+            if (fibers[t].state == WAIT) fibers[t].state = RUN;
+    }
+}
+
+template <class... A, size_t... I>
+void call(void (*f)(A...), void** argv, std::index_sequence<I...>) {
+    f(*reinterpret_cast<std::decay_t<A>*>(argv[I])...);
+}
+
+template <class... A>
+void launch(void (*f)(A...), const unsigned* grid, const unsigned* block, void** argv) {
+    struct Ctx { void (*f)(A...); void** argv; } c{f, argv};
+    body = [](void* p) {
+        Ctx* c = (Ctx*)p;
+        call(c->f, c->argv, std::index_sequence_for<A...>{});
+    };
+    body_arg = &c;
+    gridDim.x = grid[0]; gridDim.y = grid[1]; gridDim.z = grid[2];
+    blockDim.x = block[0]; blockDim.y = block[1]; blockDim.z = block[2];
+    for (unsigned z = 0; z < grid[2]; ++z)
+        for (unsigned y = 0; y < grid[1]; ++y)
+            for (unsigned x = 0; x < grid[0]; ++x) {
+                blockIdx.x = x; blockIdx.y = y; blockIdx.z = z;
+                for (auto& v : shared_vars) memset(v.first, 0xFF, v.second);
+                run_block(block[0] * block[1] * block[2]);
+            }
+}
+
+// Parameter signature: sizeof(value) for a by-value parameter, 1000 + sizeof(*p) for a pointer.
+template <class P> constexpr int param_code() {
+    typedef std::decay_t<P> D;
+    if constexpr (std::is_pointer_v<D>) return 1000 + (int)sizeof(std::remove_pointer_t<D>);
+    else return (int)sizeof(D);
+}
+template <class... A> int signature(void (*)(A...), int* out) {
+    int i = 0;
+    ((out[i++] = param_code<A>()), ...);
+    return (int)sizeof...(A);
+}
+}  // namespace gc
+
+inline void __syncthreads() {
+    gc::Fiber& f = gc::fibers[gc::cur];
+    ++f.syncs;
+    f.state = gc::WAIT;
+    swapcontext(&f.ctx, &gc::sched);
+}
+template <class T> inline T __ldg(const T* p) {
+    if ((uintptr_t)p % alignof(T)) gc::error("__ldg at a misaligned address");
+    return *p;
+}
+
+extern "C" GC_EXPORT void gc_set_order(int order, unsigned long long seed) {
+    gc::order = order;
+    gc::seed = seed;
+}
+extern "C" GC_EXPORT long gc_take_errors(char* buf, int size) {
+    long e = gc::errors;
+    if (e) snprintf(buf, size, "%s", gc::errmsg);
+    gc::errors = 0;
+    return e;
+}
+extern "C" GC_EXPORT long gc_barriers() { return gc::barriers; }
+extern "C" GC_EXPORT void gc_add_shared(void* p, size_t n) { gc::shared_vars.emplace_back(p, n); }
+"""
+
+_TENSOR_CORE = re.compile(r"ig_f16|ig_bf16|<\w+, [12],")
+
+
+def host_names(file):
+    """The instantiations of `file` (from cuda_igemm.IGEMM_KERNELS) that can run on a CPU:
+    float/double, MODE_SIMT. The mma.sync (MODE_F16/TF32) and 16-bit ones are left out."""
+    return tuple(n for n in dict(ig.IGEMM_KERNELS)[file] if not _TENSOR_CORE.search(n))
+
+
+def _source(text, names):
+    lines = [SHIM, text, "// ---- entry points ----"]
+    for i, n in enumerate(names):
+        lines.append(f'extern "C" GC_EXPORT void gck_{i}(const unsigned* g, const unsigned* b, '
+                     f"void** a) {{ gc::launch(&{n}, g, b, a); }}")
+        lines.append(f'extern "C" GC_EXPORT int gck_{i}_sig(int* out) '
+                     f"{{ return gc::signature(&{n}, out); }}")
+    return "\n".join(lines) + "\n"
+
+
+class Library:
+    """One host-compiled kernel file: its instantiations by name."""
+
+    def __init__(self, file, so, names):
+        self.file, self.names = file, names
+        self.dll = ctypes.CDLL(so)
+        self.dll.gc_take_errors.restype = ctypes.c_long
+        self.dll.gc_barriers.restype = ctypes.c_long
+        self.index = {n: i for i, n in enumerate(names)}
+        self.shared = _register_shared(self.dll, so)
+
+
+def _register_shared(dll, so):
+    """Hand the addresses of the kernels' __shared__ variables (function-local statics) to the
+    library, which poisons them before every block. Returns their names."""
+    syms = {}
+    for line in subprocess.run(["nm", "-S", "--defined-only", so], capture_output=True,
+                               text=True, check=True).stdout.splitlines():
+        f = line.split()
+        if len(f) == 4:
+            syms[f[3]] = (int(f[0], 16), int(f[1], 16), f[2])
+    base = ctypes.cast(dll.gck_0, ctypes.c_void_p).value - syms["gck_0"][0]
+    out = []
+    for name, (addr, size, kind) in syms.items():
+        if name.startswith("_ZZ") and kind in "bBuUdD":
+            dll.gc_add_shared(ctypes.c_void_p(base + addr), ctypes.c_size_t(size))
+            out.append(name)
+    return out
+
+
+_libs: dict = {}
+
+
+def compile_source(label, text, names, workdir):
+    """Compile kernel text with the shim and entry points for `names`; returns a Library.
+    Cached by content in `workdir`, so a later session with the same sources reuses it."""
+    src = _source(text, names)
+    key = hashlib.sha256((src + " ".join(CXXFLAGS)).encode()).hexdigest()[:16]
+    so = os.path.join(workdir, f"{label}-{key}.so")
+    if not os.path.exists(so):  # cached by content: a later session reuses it
+        cpp = so[:-3] + ".cpp"
+        with open(cpp, "w", encoding="utf-8") as f:
+            f.write(src)
+        tmp = f"{so}.{os.getpid()}.tmp"
+        r = subprocess.run([CXX, *CXXFLAGS, "-o", tmp, cpp], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"host build of {label} failed:\n{r.stderr[-6000:]}")
+        os.replace(tmp, so)
+    return Library(label, so, names)
+
+
+def build(workdir=None):
+    """Compile every kernel file (two g++ at a time); returns {file: Library}."""
+    workdir = workdir or os.path.join(tempfile.gettempdir(), "gpuconv-igemm-host")
+    os.makedirs(workdir, exist_ok=True)
+    todo = [f for f, _ in ig.IGEMM_KERNELS if f not in _libs]
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        built = ex.map(lambda f: compile_source(f[:-3], kernel_source(f), host_names(f), workdir),
+                       todo)
+        _libs.update(zip(todo, built))
+    return _libs
+
+
+def set_order(order, seed=1):
+    """Fiber order inside each barrier interval: 'forward', 'reverse' or 'shuffle'."""
+    code = {"forward": 0, "reverse": 1, "shuffle": 2}[order]
+    for lib in _libs.values():
+        lib.dll.gc_set_order(code, ctypes.c_ulonglong(seed))
+
+
+def barriers():
+    """Barrier intervals completed so far, over all files."""
+    return sum(lib.dll.gc_barriers() for lib in _libs.values())
+
+
+launches: list = []  # (name, grid, block, [struct arguments]) since reset()
+
+
+class HostKernel:
+    """A cupy.RawKernel stand-in: kernel(grid, block, args) runs it on the CPU."""
+
+    grid_cap = None  # set: grid-stride kernels (1-D grids) get at most this many blocks
+
+    def __init__(self, name, lib=None):
+        lib = lib or _libs[ig._FILE_OF[name]]
+        if name not in lib.index:
+            raise NotImplementedError(f"{name} is a tensor-core / 16-bit instantiation: it "
+                                      "cannot run on the CPU")
+        self.name, self.lib = name, lib
+        i = lib.index[name]
+        self.fn = getattr(lib.dll, f"gck_{i}")
+        sig = (ctypes.c_int * 16)()
+        self.sig = list(sig[:getattr(lib.dll, f"gck_{i}_sig")(sig)])
+
+    def __call__(self, grid, block, args):
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
+        if self.grid_cap and grid[1:] == (1, 1) and not self.name.startswith("dw_wgrad"):
+            grid = (min(grid[0], self.grid_cap), 1, 1)
+        assert len(args) == len(self.sig), f"{self.name}: {len(args)} args for {self.sig}"
+        keep, argv = [], (ctypes.c_void_p * len(args))()
+        for i, (a, code) in enumerate(zip(args, self.sig)):
+            if isinstance(a, np.ndarray) and a.dtype.names is None:  # a device array
+                assert code > 1000, f"{self.name}: array for by-value parameter {i}"
+                assert a.dtype.itemsize == code - 1000, \
+                    f"{self.name}: parameter {i} wants {code - 1000}-byte elements, got {a.dtype}"
+                assert a.flags.c_contiguous, f"{self.name}: non-contiguous array parameter {i}"
+                v = ctypes.c_void_p(a.ctypes.data)
+                keep.append(v)
+                argv[i] = ctypes.addressof(v)
+            elif isinstance(a, np.ndarray):  # a struct, (1,) structured array, passed by value
+                assert a.shape == (1,) and a.itemsize == code, \
+                    f"{self.name}: struct parameter {i} is {code} bytes, got {a.itemsize}"
+                argv[i] = a.ctypes.data
+            elif isinstance(a, np.generic):  # a typed scalar (a Python int would be refused)
+                assert a.itemsize == code, \
+                    f"{self.name}: parameter {i} is {code} bytes, got {type(a).__name__}"
+                v = np.array(a)
+                keep.append(v)
+                argv[i] = v.ctypes.data
+            else:
+                raise TypeError(f"{self.name}: untyped kernel argument {a!r}")
+        launches.append((self.name, grid, block,
+                         [a.copy() for a in args if isinstance(a, np.ndarray) and a.dtype.names]))
+        self.fn((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), argv)
+        buf = ctypes.create_string_buffer(512)
+        if self.lib.dll.gc_take_errors(buf, 512):
+            raise AssertionError(f"{self.name}: {buf.value.decode()}")
+
+
+# ---- device arrays: NumPy arrays with guard bands, and a minimal `cupy` module --------------
+GUARD = 64  # elements of NaN before and after every device array
+
+
+class DevArray(np.ndarray):
+    """A NumPy array that answers `.data.ptr` like a cupy.ndarray."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+_allocs: list = []  # (guarded buffer, start, size) of every device array since reset()
+
+
+def empty(shape, dtype, offset=0):
+    """A NaN-filled device array inside NaN guard bands (`offset` elements into the buffer:
+    an odd offset makes a misaligned base)."""
+    shape = (shape,) if np.isscalar(shape) else tuple(shape)
+    n = int(np.prod(shape))
+    buf = np.full(2 * GUARD + n + offset, np.nan, dtype)
+    start = GUARD + offset
+    _allocs.append((buf, start, n))
+    return buf[start:start + n].reshape(shape).view(DevArray)
+
+
+def to_device(a, offset=0):
+    out = empty(a.shape, a.dtype, offset)
+    out[...] = a
+    return out
+
+
+def check_guards():
+    """Assert that no kernel wrote outside its arrays since reset()."""
+    for buf, start, n in _allocs:
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + n:]).all(), \
+            "a kernel wrote outside an array (guard band overwritten)"
+
+
+def reset():
+    _allocs.clear()
+    launches.clear()
+
+
+def fake_cupy():
+    """The parts of CuPy cuda_igemm's host code uses: empty (NaN-filled, guarded) and matmul
+    (NumPy's, in the operands' dtype, standing in for cuBLAS)."""
+    return types.SimpleNamespace(__name__="cupy", empty=empty,
+                                 matmul=lambda a, b: np.matmul(a, b).view(DevArray))
+
+
+def install(monkeypatch, sm_count=132):
+    """Route cuda_igemm's launches to the CPU: get_kernel -> HostKernel, `import cupy` -> the
+    fake module, the SM count (split-K sizing) -> sm_count."""
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    monkeypatch.setattr(ig, "get_kernel", HostKernel)
+    monkeypatch.setattr(ig, "_current_sm_count", lambda: sm_count)
+    reset()
