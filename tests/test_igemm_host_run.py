@@ -29,7 +29,11 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed: canno
 
 REF = {"fprop": ne.conv_fprop, "dgrad": ne.conv_dgrad, "wgrad": ne.conv_wgrad}
 SIMT = [("float64", "64x64"), ("float32", "64x64"), ("float32", "128x128")]
-CASES = PROBLEMS + EXTRA
+CASES = PROBLEMS + EXTRA + [
+    ("stride_gt_input", (2, 2, 2, 3), (3, 2, 1, 1), dict(stride=3)),  # dgrad phases with no rows
+    ("stride16", (1, 2, 20, 35), (3, 2, 3, 3), dict(stride=(16, 15), padding=1)),  # IG_MAXS
+    ("wide_k", (1, 40, 5, 6), (130, 20, 3, 3), dict(padding=1, groups=2)),  # n-blocks, long k
+]
 
 
 @pytest.fixture(scope="module")
