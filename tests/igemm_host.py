@@ -26,8 +26,14 @@ a block is a *fiber* (ucontext) on one OS thread:
   values); each kernel reports its parameter sizes, and a launch whose typed NumPy scalars,
   structs (a (1,) structured array) or array element sizes do not match is refused.
 
-Only the SIMT instantiations run (float, double). The tensor-core instantiations (mma.sync
-inline PTX) and the 16-bit conversions (cvt PTX) cannot run on a CPU and are not compiled.
+Inline PTX: every `asm(...)` statement is rewritten into a call of an emulation in the shim
+(emulate_ptx): the cvt conversions (f16, bf16, tf32 rounding) bit-exactly, and mma.sync
+(m16n8k16 f16/bf16, m16n8k8 tf32, fp32 accumulate) warp-collectively: each lane deposits its
+fragments, a barrier, each lane assembles its warp's A and B from the PTX ISA's fragment tables
+(groupID = lane / 4, threadID_in_group = lane % 4) and computes its own D fragment in double
+rounded to float. So every instantiation of cuda_igemm.IGEMM_KERNELS runs; the tensor-core ones
+are checked against this transcription of the ISA, not against hardware (accumulation order and
+rounding inside the tensor core differ).
 
 The shim's basic macros (__global__, __device__, dim3 globals, ...) are kernel_host.SHIM.
 """
@@ -184,6 +190,88 @@ template <class T> inline T __ldg(const T* p) {
     return *p;
 }
 
+// ---- the inline PTX of igemm_common.cuh, emulated (asm statements are rewritten into calls) ----
+inline void gc_ptx_cvt_f32_f16(float& f, unsigned short h) { _Float16 x; memcpy(&x, &h, 2); f = x; }
+inline void gc_ptx_cvt_rn_f16_f32(unsigned short& h, float f) {
+    _Float16 x = (_Float16)f;   // round to nearest even
+    memcpy(&h, &x, 2);
+}
+inline void gc_ptx_cvt_rn_bf16_f32(unsigned short& h, float f) {
+    const unsigned u = __float_as_uint(f);
+    h = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fff   // NaN stays NaN
+                                        : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline void gc_ptx_cvt_rna_tf32_f32(unsigned& u, float f) {   // nearest, ties away from zero
+    const unsigned b = __float_as_uint(f);
+    u = (b & 0x7f800000u) == 0x7f800000u ? b : (b + 0x1000u) & 0xffffe000u;
+}
+namespace gc {
+// mma.sync is warp-collective: every lane deposits its fragments, a barrier, every lane builds
+// its warp's A and B from the PTX ISA's fragment tables and computes its own D. Deposits
+// alternate between two slot sets: a lane can only reach the next-but-one mma (same set) after
+// the next barrier, which every lane passes only after computing this one. Block barriers stand
+// in for warp ones: the kernels' mma loops are uniform over the block.
+struct MmaSlot { unsigned a[4], b[2]; };
+inline std::vector<MmaSlot> mma_slots;   // [2][threads]
+inline float h16(unsigned w, int e, int kind) {   // element e (low half first) of a b32 word
+    const unsigned short h = (unsigned short)(w >> (16 * e));
+    if (kind == 1) return __uint_as_float((unsigned)h << 16);   // bf16
+    _Float16 x;
+    memcpy(&x, &h, 2);
+    return x;
+}
+inline float tf32(unsigned w) { return __uint_as_float(w & 0xffffe000u); }   // low bits ignored
+template <int KIND>   // 0: m16n8k16 f16, 1: m16n8k16 bf16, 2: m16n8k8 tf32; D, C f32
+inline void mma(float& d0, float& d1, float& d2, float& d3, unsigned a0, unsigned a1,
+                unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    const unsigned n = blockDim.x * blockDim.y * blockDim.z;
+    const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if (mma_slots.size() < 2 * n) mma_slots.resize(2 * n);
+    const unsigned set = (fibers[cur].syncs & 1) * n;   // syncs: this thread's barriers so far
+    mma_slots[set + tid] = MmaSlot{{a0, a1, a2, a3}, {b0, b1}};
+    __syncthreads();
+    float A[16][16], B[16][8];
+    const unsigned warp0 = set + (tid & ~31u), g = (tid & 31) >> 2, t = tid & 3;
+    for (unsigned l = 0; l < 32; ++l) {   // groupID gl, threadID_in_group tl
+        const MmaSlot& o = mma_slots[warp0 + l];
+        const unsigned gl = l >> 2, tl = l & 3;
+        if (KIND == 2) {
+            A[gl][tl] = tf32(o.a[0]); A[gl + 8][tl] = tf32(o.a[1]);
+            A[gl][tl + 4] = tf32(o.a[2]); A[gl + 8][tl + 4] = tf32(o.a[3]);
+            B[tl][gl] = tf32(o.b[0]); B[tl + 4][gl] = tf32(o.b[1]);
+        } else {
+            for (int e = 0; e < 2; ++e) {
+                A[gl][2 * tl + e] = h16(o.a[0], e, KIND);
+                A[gl + 8][2 * tl + e] = h16(o.a[1], e, KIND);
+                A[gl][2 * tl + 8 + e] = h16(o.a[2], e, KIND);
+                A[gl + 8][2 * tl + 8 + e] = h16(o.a[3], e, KIND);
+                B[2 * tl + e][gl] = h16(o.b[0], e, KIND);
+                B[2 * tl + 8 + e][gl] = h16(o.b[1], e, KIND);
+            }
+        }
+    }
+    float* d[4] = {&d0, &d1, &d2, &d3};
+    for (int i = 0; i < 4; ++i) {   // c0, c1: row g; c2, c3: row g + 8; columns 2t, 2t + 1
+        const unsigned row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        double acc = *d[i];
+        for (int k = 0; k < (KIND == 2 ? 8 : 16); ++k) acc += (double)A[row][k] * B[k][col];
+        *d[i] = (float)acc;
+    }
+}
+}  // namespace gc
+#define GC_MMA_ARGS float& d0, float& d1, float& d2, float& d3, unsigned a0, unsigned a1, \
+    unsigned a2, unsigned a3, unsigned b0, unsigned b1
+#define GC_MMA_CALL d0, d1, d2, d3, a0, a1, a2, a3, b0, b1
+inline void gc_ptx_mma_sync_aligned_m16n8k16_row_col_f32_f16_f16_f32(GC_MMA_ARGS) {
+    gc::mma<0>(GC_MMA_CALL);
+}
+inline void gc_ptx_mma_sync_aligned_m16n8k16_row_col_f32_bf16_bf16_f32(GC_MMA_ARGS) {
+    gc::mma<1>(GC_MMA_CALL);
+}
+inline void gc_ptx_mma_sync_aligned_m16n8k8_row_col_f32_tf32_tf32_f32(GC_MMA_ARGS) {
+    gc::mma<2>(GC_MMA_CALL);
+}
+
 extern "C" GC_EXPORT void gc_set_order(int order, unsigned long long seed) {
     gc::order = order;
     gc::seed = seed;
@@ -198,13 +286,17 @@ extern "C" GC_EXPORT long gc_barriers() { return gc::barriers; }
 extern "C" GC_EXPORT void gc_add_shared(void* p, size_t n) { gc::shared_vars.emplace_back(p, n); }
 """
 
-_TENSOR_CORE = re.compile(r"ig_f16|ig_bf16|<\w+, [12],")
+_ASM = re.compile(r'\basm\s*(?:volatile\s*)?\(\s*"([^"]*)"(?:\s*"[^"]*")*\s*:(.*?)\)\s*;', re.S)
+_OPERAND = re.compile(r'"[=+&]*\w"\s*\(([^()]*)\)')
 
 
-def host_names(file):
-    """The instantiations of `file` (from cuda_igemm.IGEMM_KERNELS) that can run on a CPU:
-    float/double, MODE_SIMT. The mma.sync (MODE_F16/TF32) and 16-bit ones are left out."""
-    return tuple(n for n in dict(ig.IGEMM_KERNELS)[file] if not _TENSOR_CORE.search(n))
+def emulate_ptx(text):
+    """Every inline-PTX statement `asm("op.x.y ..." : outs : ins);` becomes the call
+    `gc_ptx_op_x_y(outs..., ins...);` of the shim's emulation (an unknown one fails to compile)."""
+    def call(m):
+        op = m.group(1).split()[0].replace(".", "_")
+        return f"gc_ptx_{op}({', '.join(_OPERAND.findall(m.group(2)))});"
+    return _ASM.sub(call, text)
 
 
 def _source(text, names):
@@ -274,8 +366,8 @@ def build(workdir=None):
     os.makedirs(workdir, exist_ok=True)
     todo = [f for f, _ in ig.IGEMM_KERNELS if f not in _libs]
     with ThreadPoolExecutor(max_workers=2) as ex:
-        built = ex.map(lambda f: compile_source(f[:-3], kernel_source(f), host_names(f), workdir),
-                       todo)
+        built = ex.map(lambda f: compile_source(f[:-3], emulate_ptx(kernel_source(f)),
+                                                dict(ig.IGEMM_KERNELS)[f], workdir), todo)
         _libs.update(zip(todo, built))
     return _libs
 
@@ -302,9 +394,6 @@ class HostKernel:
 
     def __init__(self, name, lib=None):
         lib = lib or _libs[ig._FILE_OF[name]]
-        if name not in lib.index:
-            raise NotImplementedError(f"{name} is a tensor-core / 16-bit instantiation: it "
-                                      "cannot run on the CPU")
         self.name, self.lib = name, lib
         i = lib.index[name]
         self.fn = getattr(lib.dll, f"gck_{i}")

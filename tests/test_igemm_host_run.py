@@ -4,16 +4,19 @@ gpuconv.engines.cuda_igemm's own host code (argument structs, tile configs, laun
 phase tables, split-K sizing, the Winograd pipeline with NumPy's matmul for cuBLAS), against the
 NumPy engine in float64.
 
-What runs: the SIMT implicit-GEMM kernels (fp32 128x128 and 64x64, fp64 64x64; fprop, dgrad,
-wgrad with split-K and its reduce), Winograd F(2x2,3x3) (fp32, fp64) and direct depthwise (fp32,
-fp64). Not here: the tensor-core (mma.sync) and 16-bit instantiations, which need a GPU
-(tests/test_igemm_gpu.py).
+What runs: every instantiation of cuda_igemm.IGEMM_KERNELS. The SIMT implicit-GEMM kernels (fp32
+128x128 and 64x64, fp64 64x64; fprop, dgrad, wgrad with split-K and its reduce), Winograd
+F(2x2,3x3) and direct depthwise run as written. The tensor-core kernels (fp16 m16n8k16, tf32
+m16n8k8) run against an *emulation* of mma.sync and of the cvt conversions (igemm_host.py), so
+their fragment indexing is checked against the PTX ISA's fragment tables as igemm_host.py
+transcribes them, not against hardware. bfloat16 needs a NumPy bfloat16 dtype (ml_dtypes), which
+is not installed here. tests/test_igemm_gpu.py is the check on a real GPU.
 """
 import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv import ConvProblem
+from gpuconv import ConvProblem, autotune, config
 from gpuconv.engines import cuda_igemm as ig
 from gpuconv.engines import numpy_engine as ne
 
@@ -29,6 +32,8 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed: canno
 
 REF = {"fprop": ne.conv_fprop, "dgrad": ne.conv_dgrad, "wgrad": ne.conv_wgrad}
 SIMT = [("float64", "64x64"), ("float32", "64x64"), ("float32", "128x128")]
+TC = [("float16", "64x64"), ("float32+tf32", "64x64")]  # emulated mma.sync
+TC_BIG = [("float16", "128x128"), ("float32+tf32", "128x128")]
 CASES = PROBLEMS + EXTRA + [
     ("stride_gt_input", (2, 2, 2, 3), (3, 2, 1, 1), dict(stride=3)),  # dgrad phases with no rows
     ("stride16", (1, 2, 20, 35), (3, 2, 3, 3), dict(stride=(16, 15), padding=1)),  # IG_MAXS
@@ -58,14 +63,24 @@ def _inputs(op, p, dtype, seed):
 
 def run(algo, p, op, dtype, seed=0, offsets=None):
     """algo on fresh inputs (device copies inside NaN guards); checks the output against the
-    NumPy engine, that nothing was written outside an array, and returns the output."""
+    NumPy engine, that nothing was written outside an array, and returns the output.
+    dtype "float32+tf32": float32 data with TF32 allowed (the tf32 tensor-core path)."""
+    dtype, tf32 = dtype.split("+")[0], dtype.endswith("+tf32")
     host = _inputs(op, p, dtype, seed)
     offsets = offsets or (0,) * len(host)
-    out = algo(p, *(ih.to_device(a, o) for a, o in zip(host, offsets)))
+    config.set_allow_tf32(tf32)
+    try:
+        out = algo(p, *(ih.to_device(a, o) for a, o in zip(host, offsets)))
+    finally:
+        config.set_allow_tf32(False)
     ih.check_guards()
     ref = REF[op](p, *(a.astype(np.float64) for a in host))
     assert out.dtype == np.dtype(dtype)
-    cc.assert_close(np.asarray(out), ref, dtype, f"{op} {algo.name} {p}")
+    if tf32:  # operands rounded to 10-bit mantissas: the GPU test's relative-error bound
+        err = autotune.relative_error(np.asarray(out, np.float64), ref)
+        assert err <= autotune.tolerance(np.dtype(dtype), True), f"{op} {algo.name} {p}: {err}"
+    else:
+        cc.assert_close(np.asarray(out), ref, dtype, f"{op} {algo.name} {p}")
     if op == "dgrad":  # pixels no window reached are exact zeros
         assert np.all(np.asarray(out)[ref == 0] == 0)
     return np.array(out)
@@ -76,17 +91,29 @@ def _problem(case):
     return ConvProblem.from_args(xs, ws, **kw)
 
 
-# ---- implicit GEMM, SIMT -----------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,label", SIMT, ids=[f"{d}-{t}" for d, t in SIMT])
+# ---- implicit GEMM ---------------------------------------------------------------------------
+# SIMT: every problem; tensor cores (emulated, slower): the shared problems, the 128x128 tile on
+# a few of them
+IGEMM = ([(c, d, t, False) for c in CASES for d, t in SIMT]
+         + [(c, d, t, True) for c in PROBLEMS for d, t in TC]
+         + [(c, d, t, True) for c in PROBLEMS[:6] for d, t in TC_BIG])
+
+
 @pytest.mark.parametrize("op", ("fprop", "dgrad", "wgrad"))
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_igemm_simt(host, case, op, dtype, label):
+@pytest.mark.parametrize("case,dtype,label,tc", IGEMM,
+                         ids=[f"{c[0]}-{d}-{'tc' if tc else 'simt'}_{t}" for c, d, t, tc in IGEMM])
+def test_igemm(host, case, dtype, label, tc, op):
     p = _problem(case)
-    algo = ig.IgemmAlgorithm(op, False, label)
-    assert algo.supports(p, np.dtype(dtype))
+    algo = ig.IgemmAlgorithm(op, tc, label)
+    config.set_allow_tf32(dtype.endswith("+tf32"))
+    try:
+        assert algo.supports(p, np.dtype(dtype.split("+")[0]))
+        ct, mode, tile = algo._config(dtype.split("+")[0])
+    finally:
+        config.set_allow_tf32(False)
+    assert mode == {"float16": ig.MODE_F16, "float32+tf32": ig.MODE_TF32}.get(dtype, ig.MODE_SIMT)
     run(algo, p, op, dtype)
-    names = [n for n, *_ in ih.launches]
-    assert names[0] == ig.igemm_name(op, ig.ctype_of(dtype), ig.MODE_SIMT, algo._config(dtype)[2])
+    assert ih.launches[0][0] == ig.igemm_name(op, ct, mode, tile)
 
 
 def test_igemm_runs_barriers_and_multiblock_tiles(host):
@@ -100,17 +127,27 @@ def test_igemm_runs_barriers_and_multiblock_tiles(host):
     assert ih.barriers() - before == grid[0] * grid[1] * (slabs + 1)
 
 
-@pytest.mark.parametrize("dtype,label", SIMT, ids=[f"{d}-{t}" for d, t in SIMT])
-def test_wgrad_split_k(host, dtype, label):
+@pytest.mark.parametrize("dtype,label,tc", [(d, t, False) for d, t in SIMT] + [("float16", "64x64", True)],
+                         ids=[f"{d}-{t}" for d, t in SIMT] + ["float16-tc_64x64"])
+def test_wgrad_split_k(host, dtype, label, tc):
     """A long N*P*Q reduction: split-K > 1, the workspace and igemm_wgrad_reduce in use."""
     p = ConvProblem.from_args((4, 3, 24, 20), (5, 3, 3, 3), padding=1)
-    algo = ig.IgemmAlgorithm("wgrad", False, label)
+    algo = ig.IgemmAlgorithm("wgrad", tc, label)
     splits = ig.wgrad_splits(p, algo._config(dtype)[2], 132)
     assert splits > 1
     run(algo, p, "wgrad", dtype)
     (name, grid, _, (args,)), (reduce, *_) = ih.launches
     assert args["splits"][0] == splits and grid[2] == splits
     assert reduce == f"igemm_wgrad_reduce<{ig.ctype_of(dtype)}>"
+
+
+@pytest.mark.parametrize("dtype", ("float16", "float32+tf32"))
+def test_wgrad_tensor_cores_one_split(host, dtype):
+    """One split: the unused workspace argument still has the accumulator type (fp32 for fp16
+    data; the host used to pass the fp16 dw there, which the launch's type check refuses)."""
+    p = ConvProblem.from_args((1, 2, 5, 6), (3, 2, 3, 3), padding=1)
+    run(ig.IgemmAlgorithm("wgrad", True, "64x64"), p, "wgrad", dtype)
+    assert ih.launches[0][3][0]["splits"][0] == 1
 
 
 def test_wgrad_split_k_grouped_and_strided(host):
@@ -181,7 +218,7 @@ NON_GEMM = ([(ig.DepthwiseAlgorithm, c, op) for c in DW_CASES for op in ("fprop"
             + [(ig.WinogradAlgorithm, c, op) for c in WINO_CASES for op in ("fprop", "dgrad")])
 
 
-@pytest.mark.parametrize("dtype", ("float64", "float32"))
+@pytest.mark.parametrize("dtype", ("float64", "float32", "float16"))
 @pytest.mark.parametrize("kind,case,op", NON_GEMM,
                          ids=[f"{k.name}-{c[0]}-{op}" for k, c, op in NON_GEMM])
 def test_depthwise_and_winograd(host, kind, case, op, dtype):
@@ -294,5 +331,3 @@ def test_harness_checks_argument_types(bad, host):
     with pytest.raises(AssertionError, match="parameter 2 is 8 bytes"):
         ih.HostKernel("igemm_wgrad_reduce<float>")((1,), (32,), (
             np.zeros(4, np.float32), np.zeros(2, np.float32), np.int32(2), np.int32(2)))
-    with pytest.raises(NotImplementedError, match="tensor-core"):
-        ih.HostKernel(ig.igemm_name("fprop", "ig_f16", ig.MODE_F16, ig.Tile(64, 64, 32, 2, 2)))

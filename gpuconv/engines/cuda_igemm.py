@@ -343,7 +343,9 @@ class IgemmAlgorithm:
         dw = cupy.empty(p.w_shape, x.dtype)
         splits = wgrad_splits(p, tile, _current_sm_count())
         acc = np.float64 if ct == "double" else np.float32
-        ws = cupy.empty((splits,) + p.w_shape, acc) if splits > 1 else dw
+        # the workspace parameter is Acc*: with one split it is unused, but still of its type
+        # (fp16 data has an fp32 Acc, so dw would not do)
+        ws = cupy.empty(((splits,) + p.w_shape) if splits > 1 else (0,), acc)
         ag = igemm_args("wgrad", p, tile, isz, splits=splits,
                         vec_a=vec_ok("wgrad", p, isz, dy.data.ptr))
         self._launch(ct, mode, tile, ag, (x, dy, dw, ws))
