@@ -58,6 +58,7 @@ from .kernel_host import CXX, SHIM as BASE_SHIM
 
 # hidden visibility: each library keeps its own shim state (blockIdx, the fibers, ...) instead of
 # sharing one process-wide copy through GNU unique symbols
+WORKDIR = os.path.join(tempfile.gettempdir(), "gpuconv-igemm-host")  # the .so cache
 CXXFLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
 
 SHIM = BASE_SHIM + r"""
@@ -342,7 +343,7 @@ def _register_shared(dll, so):
 _libs: dict = {}
 
 
-def compile_source(label, text, names, workdir):
+def compile_source(label, text, names, workdir=WORKDIR):
     """Compile kernel text with the shim and entry points for `names`; returns a Library.
     Cached by content in `workdir`, so a later session with the same sources reuses it."""
     src = _source(text, names)
@@ -360,9 +361,8 @@ def compile_source(label, text, names, workdir):
     return Library(label, so, names)
 
 
-def build(workdir=None):
+def build(workdir=WORKDIR):
     """Compile every kernel file (two g++ at a time); returns {file: Library}."""
-    workdir = workdir or os.path.join(tempfile.gettempdir(), "gpuconv-igemm-host")
     os.makedirs(workdir, exist_ok=True)
     todo = [f for f, _ in ig.IGEMM_KERNELS if f not in _libs]
     with ThreadPoolExecutor(max_workers=2) as ex:
