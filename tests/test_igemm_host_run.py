@@ -127,8 +127,11 @@ def test_igemm_runs_barriers_and_multiblock_tiles(host):
     assert ih.barriers() - before == grid[0] * grid[1] * (slabs + 1)
 
 
-@pytest.mark.parametrize("dtype,label,tc", [(d, t, False) for d, t in SIMT] + [("float16", "64x64", True)],
-                         ids=[f"{d}-{t}" for d, t in SIMT] + ["float16-tc_64x64"])
+SPLIT_K = [(d, t, False) for d, t in SIMT] + [("float16", "64x64", True)]
+
+
+@pytest.mark.parametrize("dtype,label,tc", SPLIT_K,
+                         ids=[f"{d}-{'tc' if tc else 'simt'}_{t}" for d, t, tc in SPLIT_K])
 def test_wgrad_split_k(host, dtype, label, tc):
     """A long N*P*Q reduction: split-K > 1, the workspace and igemm_wgrad_reduce in use."""
     p = ConvProblem.from_args((4, 3, 24, 20), (5, 3, 3, 3), padding=1)
