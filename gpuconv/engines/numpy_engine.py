@@ -399,26 +399,48 @@ def _dgrad_phase_depthwise(p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w, out
 # NaN propagates and the first NaN wins)
 # ---------------------------------------------------------------------------------------------
 def pool_fprop(pp: PoolProblem, x):
-    """Returns y (N, C, P, Q) and idx (N, C, P, Q) int64: h*W + w of the max in the input plane."""
+    """Returns y (N, C, P, Q) and idx (N, C, P, Q) int64: h*W + w of the max in the input plane.
+
+    A running maximum over the R*S window taps, each tap a strided view of the -inf padded
+    input. The winning tap k only grows as the taps go by in row-major order, so it is updated
+    as k = max(k, t * (tap > best)): strict '>' keeps the first maximum, and a NaN tap beats a
+    non-NaN best, so the first NaN wins. np.maximum carries NaN into the values. (A 2x2/2 pool
+    of 8x64x112x112 here: 33 ms, against 75 ms materialising the windows for argmax and 19 ms
+    in PyTorch; a boolean-mask update of k instead of the max costs 6 ms a tap.)
+    """
     xp = _pad(x, pp.pad_h, pp.pad_h_end, pp.pad_w, pp.pad_w_end, value=-np.inf, slot=None)
-    sN, sC, sH, sW = xp.strides
-    win = as_strided(xp, shape=(pp.N, pp.C, pp.P, pp.Q, pp.R, pp.S),
-                     strides=(sN, sC, sH * pp.stride_h, sW * pp.stride_w,
-                              sH * pp.dil_h, sW * pp.dil_w), writeable=False)
-    win = win.reshape(pp.N, pp.C, pp.P, pp.Q, pp.R * pp.S)
-    k = np.argmax(win, axis=-1)  # first max; NaN counts as the max and the first NaN wins
-    y = np.take_along_axis(win, k[..., None], axis=-1)[..., 0]
-    hh = (np.arange(pp.P) * pp.stride_h - pp.pad_h)[:, None] + (k // pp.S) * pp.dil_h
-    ww = (np.arange(pp.Q) * pp.stride_w - pp.pad_w)[None, :] + (k % pp.S) * pp.dil_w
-    outside = (hh < 0) | (hh >= pp.H) | (ww < 0) | (ww >= pp.W)
-    if outside.any():
-        # Only when every real element of the window is -inf (padding ties with it): like
-        # PyTorch, credit the first in-bounds element of the window.
+    taps = [xp[:, :, r * pp.dil_h:r * pp.dil_h + pp.stride_h * (pp.P - 1) + 1:pp.stride_h,
+               s * pp.dil_w:s * pp.dil_w + pp.stride_w * (pp.Q - 1) + 1:pp.stride_w]
+            for r in range(pp.R) for s in range(pp.S)]
+    y = taps[0].copy()
+    k = np.zeros(y.shape, np.int16 if len(taps) < 1 << 15 else np.int64)
+    won = np.empty(y.shape, bool)
+    tk = np.empty_like(k)
+    has_nan = bool(np.isnan(x).any())
+    for t, v in enumerate(taps[1:], start=1):
+        np.greater(v, y, out=won)
+        if has_nan:
+            won |= np.isnan(v) & ~np.isnan(y)
+        np.maximum(k, np.multiply(won, t, out=tk), out=k)
+        np.maximum(y, v, out=y)
+    # input index = window origin + the winning tap's offset
+    origin = ((np.arange(pp.P) * pp.stride_h - pp.pad_h) * pp.W)[:, None] \
+        + (np.arange(pp.Q) * pp.stride_w - pp.pad_w)[None, :]
+    offset = np.array([r * pp.dil_h * pp.W + s * pp.dil_w for r in range(pp.R)
+                       for s in range(pp.S)], np.int64)
+    idx = offset[k] + origin
+    padded = pp.pad_h or pp.pad_w or pp.pad_h_end or pp.pad_w_end
+    if padded and np.isneginf(y).any():
+        # A window whose real elements are all -inf may have picked a padding position: like
+        # PyTorch, credit the first in-bounds element of the window instead.
+        hh = (np.arange(pp.P) * pp.stride_h - pp.pad_h)[:, None] + (k // pp.S) * pp.dil_h
+        ww = (np.arange(pp.Q) * pp.stride_w - pp.pad_w)[None, :] + (k % pp.S) * pp.dil_w
+        outside = (hh < 0) | (hh >= pp.H) | (ww < 0) | (ww >= pp.W)
         h_first = _first_inside(np.arange(pp.P) * pp.stride_h - pp.pad_h, pp.dil_h)
         w_first = _first_inside(np.arange(pp.Q) * pp.stride_w - pp.pad_w, pp.dil_w)
-        hh = np.where(outside, h_first[:, None], hh)
-        ww = np.where(outside, w_first[None, :], ww)
-    return y, (hh * pp.W + ww).astype(np.int64)
+        first = h_first[:, None] * pp.W + w_first[None, :]
+        idx = np.where(outside, first, idx)
+    return y, idx
 
 
 def _first_inside(start, dil):
