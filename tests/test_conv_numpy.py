@@ -233,3 +233,14 @@ def test_per_tap_im2col_path_matches_naive(case, monkeypatch):
     monkeypatch.setattr(numpy_engine, "SMALL_IM2COL", 0)
     _, x_shape, w_shape, kw = case
     _assert_matches_naive(x_shape, w_shape, kw, seed=13, ops=("fprop", "wgrad"))
+
+
+def test_release_workspace_frees_the_buffers_and_results_stay_right():
+    from gpuconv.engines import numpy_engine
+    rng = np.random.default_rng(14)
+    x, w, _ = _data(rng, (2, 8, 20, 20), (8, 8, 3, 3))
+    y0 = gc.conv2d(x, w, padding=1)
+    assert numpy_engine._tls.bufs  # the column matrix and padded input are kept
+    numpy_engine.release_workspace()
+    assert not getattr(numpy_engine._tls, "bufs", None)
+    np.testing.assert_array_equal(gc.conv2d(x, w, padding=1), y0)

@@ -69,6 +69,12 @@ def _scratch(slot, shape, dtype):
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
+def release_workspace():
+    """Free this thread's reusable buffers (up to SCRATCH_KEEP_BYTES each for the column matrix,
+    the padded input and the transposed dy); the next large conv allocates them again."""
+    _tls.__dict__.pop("bufs", None)
+
+
 def _im2col(p: ConvProblem, x, slot="col"):
     """col (G, Cg*R*S, N*P*Q): column (n, p, q) holds the receptive field of output (n, p, q).
 
