@@ -18,7 +18,8 @@ setup(
         "cuda13": ["cupy-cuda13x>=14.2"],
         "digits": ["scikit-learn>=1.3"],
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=7", "scikit-learn>=1.3"],
+        # wheel: the install test builds a wheel without build isolation (offline GPU machine)
+        "test": ["pytest>=7", "scikit-learn>=1.3", "wheel"],
     },
     entry_points={
         "console_scripts": [
