@@ -35,10 +35,6 @@ def engine_for(xp):
     return cuda_engine
 
 
-def _conv_problem(x_shape, w_shape, stride, padding, dilation, groups):
-    return ConvProblem.from_args(x_shape, w_shape, stride, padding, dilation, groups)
-
-
 # ---------------------------------------------------------------------------------------------
 # convolution and its two vector-Jacobian products
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +50,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     xp = check_arrays([("input", x), ("weight", weight), ("bias", bias)],
                       ndim={"input": 4, "weight": 4, "bias": 1})
-    p = _conv_problem(x.shape, weight.shape, stride, padding, dilation, groups)
+    p = ConvProblem.from_args(x.shape, weight.shape, stride, padding, dilation, groups)
     if bias is not None:
         check_shape("bias", bias, (p.K,))
     return engine_for(xp).conv_fprop(p, x, weight, bias)
@@ -69,7 +65,7 @@ def conv2d_grad_input(input_shape, weight, grad_output, stride=1, padding=0, dil
     """
     xp = check_arrays([("weight", weight), ("grad_output", grad_output)],
                       ndim={"weight": 4, "grad_output": 4})
-    p = _conv_problem(input_shape, weight.shape, stride, padding, dilation, groups)
+    p = ConvProblem.from_args(input_shape, weight.shape, stride, padding, dilation, groups)
     check_shape("grad_output", grad_output, p.y_shape)
     return engine_for(xp).conv_dgrad(p, weight, grad_output)
 
@@ -79,7 +75,7 @@ def conv2d_grad_weight(input, weight_shape, grad_output, stride=1, padding=0, di
     """dL/dw: the convolution of the input with grad_output, summed over the batch."""
     xp = check_arrays([("input", input), ("grad_output", grad_output)],
                       ndim={"input": 4, "grad_output": 4})
-    p = _conv_problem(input.shape, weight_shape, stride, padding, dilation, groups)
+    p = ConvProblem.from_args(input.shape, weight_shape, stride, padding, dilation, groups)
     check_shape("grad_output", grad_output, p.y_shape)
     return engine_for(xp).conv_wgrad(p, input, grad_output)
 

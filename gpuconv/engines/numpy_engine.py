@@ -106,17 +106,6 @@ def _im2col(p: ConvProblem, x, slot="col"):
     return col.reshape(p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q)
 
 
-def _gemm_to_nchw(y_gkm, p: ConvProblem, bias=None):
-    """(G, Kg, N*P*Q) GEMM result -> contiguous (N, K, P, Q), bias added in the same pass."""
-    y_t = y_gkm.reshape(p.K, p.N, p.P, p.Q).transpose(1, 0, 2, 3)
-    out = np.empty((p.N, p.K, p.P, p.Q), dtype=y_gkm.dtype)
-    if bias is None:
-        np.copyto(out, y_t)
-    else:
-        np.add(y_t, bias.reshape(1, p.K, 1, 1), out=out)
-    return out
-
-
 def _is_pointwise(p: ConvProblem):
     return p.R == p.S == 1 and p.pad_h == p.pad_w == p.pad_h_end == p.pad_w_end == 0
 
