@@ -24,6 +24,7 @@ import numpy as np
 
 from ..config import get_allow_tf32
 from ..problem import ConvProblem
+from .numpy_engine import _phase_taps
 
 # ---------------------------------------------------------------------------------------------
 # tiles and the one list of instantiations (loader, compile test, dispatch)
@@ -122,19 +123,14 @@ def dgrad_phases(size, pad, k, dil, stride, out_size):
     Input index h = ph + stride*i (i < n) receives dy[p] * w[r] exactly when
     h + pad = p*stride + r*dil. In phase ph those taps are r = r0 + j*step (j < taps), with
     p = i + p0 - j*p_step. Returns (rows, step, p_step), rows = [(r0, taps, p0, n)] per phase.
+    The taps themselves come from the NumPy engine's _phase_taps (one copy of this arithmetic).
     """
     gcd = math.gcd(stride, dil)
-    step, p_step = stride // gcd, dil // gcd
     rows = []
-    for ph in range(stride):
-        n = -(-(size - ph) // stride) if ph < size else 0
-        r0 = next((r for r in range(min(k, step)) if (ph + pad - r * dil) % stride == 0), None)
-        if r0 is None:
-            rows.append((0, 0, 0, n))
-        else:
-            taps = (k - 1 - r0) // step + 1
-            rows.append((r0, taps, (ph + pad - r0 * dil) // stride, n))
-    return rows, step, p_step
+    for _, n, taps in _phase_taps(size, pad, k, dil, stride, out_size)[0]:
+        # _phase_taps lists a phase's taps by falling r: the last one is the smallest, r0
+        rows.append((taps[-1][0], len(taps), taps[-1][1], n) if taps else (0, 0, 0, n))
+    return rows, stride // gcd, dil // gcd
 
 
 def wgrad_splits(p: ConvProblem, tile: Tile, sm_count: int, max_splits=64, min_slabs=8):
