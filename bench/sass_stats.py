@@ -36,7 +36,7 @@ one 8-warp block per SM may not do): per warp-iteration an SM needs
 and does FLOP = 64 per FFMA/DFMA (32 lanes x 2) + 2*m*n*k per MMA (HGMMA: per warp, a quarter
 of the warpgroup's). Predicted TFLOP/s = FLOP / cycles x clock x SMs, capped at the unit's
 datasheet peak. Constants: peaks from gpuconv/benchmark/roofline.py's GPU_TABLE (default H200:
-FP32 66.9, TF32 494.7, FP16/BF16 989.4 TFLOP/s dense); 132 SMs; clock = FP32 peak /
+FP32 66.9, TF32 494.7, FP16/BF16 989.4 TFLOP/s dense); 132 SMs (H100 PCIe: 114); clock = FP32 peak /
 (132 SMs x 128 lanes x 2) = 1.98 GHz. For FFMA the issue bound alone gives FFMA share x FP32
 peak (68% -> 45.5 TFLOP/s). The tensor peaks are wgmma's; mma.sync (HMMA) on Hopper reaches
 less, so an HMMA row is a ceiling. The model ignores global-memory bandwidth and latency (the
@@ -59,7 +59,6 @@ import tempfile
 # ---------------------------------------------------------------------------------------------
 # device model
 # ---------------------------------------------------------------------------------------------
-SMS = 132                 # H100 SXM5 and H200: 132 SMs
 FP32_LANES_PER_SM = 128
 ISSUE_PER_SM = 4          # warp instructions per clock per SM (4 sub-partitions, 1 each)
 DFMA_PER_SM = 2           # warp DFMA per clock per SM (64 FP64 lanes)
@@ -70,21 +69,27 @@ SMEM_BYTES_PER_SM = 128   # shared-memory bandwidth, bytes per clock per SM
 class Device:
     name: str
     peaks: dict           # unit -> FLOP/s: fp32 (CUDA cores), tf32, fp16, fp64 (tensor cores)
-    sms: int = SMS
+    sms: int
 
     @property
     def clock(self):
         return self.peaks["fp32"] / (self.sms * FP32_LANES_PER_SM * 2)
 
 
+#: the Hopper rows of roofline.GPU_TABLE the per-SM constants above hold for, with SM counts
+HOPPER_SMS = {"h200": 132, "h100": 132, "h100 nvl": 132, "h100 pcie": 114}
+
+
 def device(pattern="h200"):
-    """A Device from gpuconv.benchmark.roofline.GPU_TABLE (first row whose pattern matches)."""
+    """A Device from gpuconv.benchmark.roofline.GPU_TABLE's row `pattern` (Hopper rows only:
+    an A100 has 64 FP32 lanes per SM, so the constants above would not hold)."""
     from gpuconv.benchmark.roofline import GPU_TABLE
-    for pat, label, f in GPU_TABLE:
-        if pattern.lower() in (pat, label.lower()):
-            return Device(label, {k: v * 1e12 for k, v in f.items() if k != "tbs"})
-    raise ValueError(f"device {pattern!r} is not in roofline.GPU_TABLE "
-                     f"({', '.join(p for p, _, _ in GPU_TABLE)})")
+    if pattern.lower() not in HOPPER_SMS:
+        raise ValueError(f"device must be one of {sorted(HOPPER_SMS)} (the model's per-SM "
+                         f"constants are Hopper's), got {pattern!r}")
+    pat, label, f = next(row for row in GPU_TABLE if row[0] == pattern.lower())
+    return Device(label, {k: v * 1e12 for k, v in f.items() if k != "tbs"},
+                  HOPPER_SMS[pat])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +484,7 @@ def loop_stats(instrs, kernel=""):
     s = {"loop": [lp.start, lp.end], "math": has_math, "instrs": len(ins)}
     s["min_path"], s["max_path"] = iteration_paths(cfg, lp)
     cls = {}
-    widths = {"lds": {}, "ldg": {}, "sts": {}, "stg": {}}
+    widths = {"lds": {}, "ldg": {}, "ldgsts": {}, "sts": {}, "stg": {}}
     mma_flop, mma_units, smem = 0, {}, 0
     for i in ins:
         c = classify(i.opcode)
@@ -487,18 +492,23 @@ def loop_stats(instrs, kernel=""):
         if c in widths:
             w = mem_width(i.opcode)
             widths[c][w] = widths[c].get(w, 0) + 1
-            if c in ("lds", "sts"):
+            if c in ("lds", "sts", "ldgsts"):
                 smem += 32 * w // 8
         elif c == "ldsm":
             smem += ldsm_bytes(i.opcode)
-        elif c == "ldgsts":
-            smem += 32 * mem_width(i.opcode) // 8
         elif c == "mma":
             f, u = mma_info(i.opcode)
             mma_flop += f
             mma_units[u] = mma_units.get(u, 0) + f
     s["counts"] = dict(sorted(cls.items()))
+    ops = {}
+    for i in ins:
+        ops[i.base] = ops.get(i.base, 0) + 1
+    s["opcodes"] = dict(sorted(ops.items(), key=lambda kv: -kv[1]))   # by base opcode
     s["widths"] = {k: dict(sorted(v.items())) for k, v in widths.items() if v}
+    # the third generation's target: no global load narrower than 16 bytes in the main loop
+    s["scalar_global_loads"] = sum(n for c in ("ldg", "ldgsts")
+                                   for w, n in s["widths"].get(c, {}).items() if w < 128)
     s["mma_ops"] = sorted({i.opcode for i in ins if classify(i.opcode) == "mma"})
     s["mma_flop"], s["mma_units"], s["smem_bytes"] = mma_flop, mma_units, smem
     expect = igemm_slab_math(kernel)
@@ -676,7 +686,7 @@ def _widths(w):
 
 
 COLUMNS = ("kernel", "regs", "slabs/iter", "instrs/slab", "longest path", "MMA", "FFMA/DFMA",
-           "LDS (n x bits)", "LDSM", "LDG (n x bits)", "LDGSTS", "STS", "BAR",
+           "LDS (n x bits)", "LDSM", "LDG (n x bits)", "LDGSTS (n x bits)", "STS", "BAR",
            "predicted TFLOP/s (bound, % of peak)")
 
 
@@ -698,7 +708,7 @@ def row_cells(r):
             f"{c.get('mma', 0) / u:.0f} ({_pct(c.get('mma', 0), s['instrs'])})",
             f"{fma / u:.0f} ({_pct(fma, s['instrs'])})",
             _widths(s["widths"].get("lds", {})), str(c.get("ldsm", 0)),
-            _widths(s["widths"].get("ldg", {})), str(c.get("ldgsts", 0)),
+            _widths(s["widths"].get("ldg", {})), _widths(s["widths"].get("ldgsts", {})),
             _widths(s["widths"].get("sts", {})), str(c.get("bar", 0)), pred]
 
 
@@ -727,21 +737,32 @@ def main(argv=None):
     ap.add_argument("--arch", default="sm_90", help="sm_90 (default), sm_80, ...")
     ap.add_argument("--file", action="append", help="only these kernel files (repeatable)")
     ap.add_argument("--kernel", help="regex on the mangled or demangled kernel name")
-    ap.add_argument("--device", default="h200", help="row of roofline.GPU_TABLE for the "
-                    "prediction (default h200; h100 = H100 SXM5)")
+    ap.add_argument("--device", default="h200", choices=sorted(HOPPER_SMS),
+                    help="row of roofline.GPU_TABLE for the prediction (default h200; h100 = "
+                    "H100 SXM5)")
     ap.add_argument("--sass", help="analyse this SASS listing (nvdisasm/cuobjdump text) instead "
                     "of compiling")
+    ap.add_argument("--cubin", action="append", help="analyse this cubin (e.g. one NVRTC made) "
+                    "instead of compiling (repeatable)")
     ap.add_argument("--json", help="write every row (counts, widths, prediction) as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--keep", help="keep the .cu and .cubin files in this directory")
     ap.add_argument("--jobs", type=int, default=2, help="parallel nvcc jobs (default 2)")
     a = ap.parse_args(argv)
     dev = device(a.device)
-    if a.sass:
-        with open(a.sass, encoding="utf-8") as f:
-            rows = kernel_stats(f.read(), None, a.kernel, dev)
-        for r in rows:
-            r.update(file=os.path.basename(a.sass), generation=None, arch=None)
+    if a.sass or a.cubin:
+        rows = []
+        for path in [a.sass] if a.sass else a.cubin:
+            if a.sass:
+                with open(path, encoding="utf-8") as f:
+                    part = kernel_stats(f.read(), None, a.kernel, dev)
+            else:
+                with open(path, "rb") as f:
+                    regs = cubin_registers(f.read())
+                part = kernel_stats(disassemble(path), regs, a.kernel, dev)
+            for r in part:
+                r.update(file=os.path.basename(path), generation=None, arch=None)
+            rows += part
     else:
         files = kernel_files()
         if a.file:

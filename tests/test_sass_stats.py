@@ -89,10 +89,12 @@ CUOBJDUMP = """
         /*0000*/                   LDC R1, c[0x0][0x28] ;        /* 0x00000a00ff017b82 */
                                                                  /* 0x000fe20000000800 */
         /*0010*/                   DFMA R2, R4, R6, R2 ;         /* 0x0000000604027228 */
-        /*0020*/                   DFMA R8, R4, R6, R8 ;         /* 0x0000000604087228 */
-        /*0030*/               @P0 BRA 0x10 ;                    /* 0xfffffffc00f40947 */
-        /*0040*/                   EXIT ;                        /* 0x000000000000794d */
-        /*0050*/                   BRA 0x50;                     /* 0xfffffffc00fc7947 */
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R0], desc[UR4][R2.64] ;  /* 0x0 */
+        /*0030*/                   LDSM.16.M88.4 R4, [R0] ;      /* 0x0 */
+        /*0040*/                   DFMA R8, R4, R6, R8 ;         /* 0x0000000604087228 */
+        /*0050*/               @P0 BRA 0x10 ;                    /* 0xfffffffc00f40947 */
+        /*0060*/                   EXIT ;                        /* 0x000000000000794d */
+        /*0070*/                   BRA 0x70;                     /* 0xfffffffc00fc7947 */
 """
 
 
@@ -138,6 +140,8 @@ def test_loop_stats_counts_exact():
     assert s["mma_ops"] == ["HMMA.16816.F32"]
     assert s["mma_flop"] == 2 * 16 * 8 * 16 and s["mma_units"] == {"fp16": 4096}
     assert s["smem_bytes"] == 512 + 512   # LDS.128 + STS.128, 32 lanes x 16 B
+    assert s["scalar_global_loads"] == 2   # LDG.E and LDG.E.U16; LDG.E.128 is a vector load
+    assert list(s["opcodes"].items())[:2] == [("BRA", 5), ("LDG", 3)]
     assert s["slabs"] == 1 and s["expected_math_per_slab"] is None
 
 
@@ -151,9 +155,12 @@ def test_no_math_kernel_takes_the_biggest_loop():
 
 def test_cuobjdump_listing():
     k = ss.parse_sass(CUOBJDUMP)
-    assert list(k) == ["_Z4loopPd"] and len(k["_Z4loopPd"]) == 6
+    assert list(k) == ["_Z4loopPd"] and len(k["_Z4loopPd"]) == 8
     s = ss.loop_stats(k["_Z4loopPd"])
-    assert (s["loop"], s["instrs"], s["counts"]) == ([0x10, 0x30], 3, {"branch": 1, "dfma": 2})
+    assert (s["loop"], s["instrs"]) == ([0x10, 0x50], 5)
+    assert s["counts"] == {"branch": 1, "dfma": 2, "ldgsts": 1, "ldsm": 1}
+    assert s["widths"] == {"ldgsts": {128: 1}} and s["scalar_global_loads"] == 0
+    assert s["smem_bytes"] == 512 + 512   # 16 B x 32 lanes into smem, ldmatrix .x4
 
 
 def test_no_loop():
