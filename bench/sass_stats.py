@@ -682,7 +682,9 @@ def _pct(n, d):
 
 
 def _widths(w):
-    return " ".join(f"{n}x{b}" for b, n in sorted(w.items())) if w else "0"
+    # keys are ints, or strings after a JSON round trip
+    return " ".join(f"{n}x{b}" for b, n in sorted(w.items(), key=lambda kv: int(kv[0]))) \
+        if w else "0"
 
 
 COLUMNS = ("kernel", "regs", "slabs/iter", "instrs/slab", "longest path", "MMA", "FFMA/DFMA",
