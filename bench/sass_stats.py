@@ -11,7 +11,7 @@ for the first generation, ``cuda_igemm.IGEMM_KERNELS`` + ``cuda_igemm.STRUCTS`` 
 from the ``nvidia-cuda-nvdisasm`` / ``nvidia-cuda-cuobjdump`` wheels, else from PATH. CuPy
 compiles with NVRTC, not nvcc; both drive the same ptxas back end with these options, so the
 SASS should match closely (instruction scheduling can differ a little between CUDA versions).
-Registers come from the cubin's ELF section headers (``sh_info >> 24`` of ``.text.<kernel>``).
+Registers come from the cubin's EIATTR_REGCOUNT records (``cubin_registers``).
 
 Main-loop heuristic (``find_loops`` / ``main_loop``): split the listing into basic blocks, find
 dominators, and take every back edge (a branch to a block that dominates it) as a natural loop.
@@ -23,9 +23,10 @@ Limits: a loop the compiler unrolled (two k-slabs per iteration) is reported per
 (``igemm_*``: expected math per slab from BM, BN, BK, warps); an outer loop whose peeled copies
 hold as much math as the real loop loses the tie to it by design; indirect branches (BRX) have
 no known targets and end their block. Counts are static: ``instrs`` is every instruction in the
-loop body once (all paths, e.g. both the vector and the scalar-fallback gather), ``min``/``max``
-the shortest and longest path through one iteration (nested loops counted once); predicated
-instructions count as issued, as they are on the hardware.
+loop body once (all paths, e.g. both the vector and the scalar-fallback gather);
+``min_path``/``max_path`` are the shortest and longest path through one iteration (nested loops
+counted once; for the igemm kernels the shortest is the last slab, which skips the prefetch);
+predicated instructions count as issued, as they are on the hardware.
 
 Prediction model (``predict``), throughput only (latency assumed hidden by other warps, which
 one 8-warp block per SM may not do): per warp-iteration an SM needs
@@ -36,17 +37,19 @@ one 8-warp block per SM may not do): per warp-iteration an SM needs
 and does FLOP = 64 per FFMA/DFMA (32 lanes x 2) + 2*m*n*k per MMA (HGMMA: per warp, a quarter
 of the warpgroup's). Predicted TFLOP/s = FLOP / cycles x clock x SMs, capped at the unit's
 datasheet peak. Constants: peaks from gpuconv/benchmark/roofline.py's GPU_TABLE (default H200:
-FP32 66.9, TF32 494.7, FP16/BF16 989.4 TFLOP/s dense); 132 SMs (H100 PCIe: 114); clock = FP32 peak /
-(132 SMs x 128 lanes x 2) = 1.98 GHz. For FFMA the issue bound alone gives FFMA share x FP32
-peak (68% -> 45.5 TFLOP/s). The tensor peaks are wgmma's; mma.sync (HMMA) on Hopper reaches
-less, so an HMMA row is a ceiling. The model ignores global-memory bandwidth and latency (the
-roofline floors in bench/NOTES.md cover bandwidth), bank conflicts, and the code outside the loop.
+FP32 66.9, TF32 494.7, FP16/BF16 989.4 TFLOP/s dense); 132 SMs (H100 PCIe: 114);
+clock = FP32 peak / (SMs x 128 lanes x 2) = 1.98 GHz. For FFMA the issue bound alone gives
+FFMA share x FP32 peak (68.2% -> 45.6 TFLOP/s). The tensor peaks are wgmma's; mma.sync (HMMA)
+on Hopper reaches less, so an HMMA row is a ceiling. The model ignores global-memory bandwidth
+and latency (the roofline floors in bench/NOTES.md cover bandwidth), bank conflicts, and the
+code outside the loop.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -120,7 +123,8 @@ BRANCHES = {"BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT", "BREAK", "KILL"}
 
 
 def parse_sass(text):
-    """{kernel (mangled): [Instr]} and {kernel: {label: addr}} from a disassembly listing."""
+    """{kernel (mangled): [Instr]} from an nvdisasm or cuobjdump -sass listing; branch targets
+    resolved to addresses."""
     kernels, labels, cur, pending = {}, {}, None, []
     for line in text.splitlines():
         m = _KERNEL_NVDISASM.match(line) or _KERNEL_CUOBJDUMP.match(line)
@@ -280,6 +284,21 @@ class Loop:
     end: int = 0
 
 
+def _postorder(root, succ):
+    """Blocks reachable from root in DFS post-order (iterative: kernels have 1000s of blocks)."""
+    order, seen, stack = [], {root}, [(root, iter(succ[root]))]
+    while stack:
+        b, it = stack[-1]
+        nxt = next((s for s in it if s not in seen), None)
+        if nxt is None:
+            order.append(b)
+            stack.pop()
+        else:
+            seen.add(nxt)
+            stack.append((nxt, iter(succ[nxt])))
+    return order
+
+
 class Cfg:
     """Basic blocks of one kernel. blocks[i] = (first, last) instruction indices (inclusive)."""
 
@@ -321,17 +340,7 @@ class Cfg:
 
     def _dominators(self):
         """Immediate dominators (Cooper, Harvey, Kennedy), entry = block 0; None: unreachable."""
-        order, seen, stack = [], {0}, [(0, iter(self.succ[0]))]
-        while stack:   # iterative DFS post-order
-            b, it = stack[-1]
-            nxt = next((s for s in it if s not in seen), None)
-            if nxt is None:
-                order.append(b)
-                stack.pop()
-            else:
-                seen.add(nxt)
-                stack.append((nxt, iter(self.succ[nxt])))
-        rpo = order[::-1]
+        rpo = _postorder(0, self.succ)[::-1]
         num = {b: i for i, b in enumerate(rpo)}
         idom = {0: 0}
 
@@ -428,22 +437,7 @@ def iteration_paths(cfg, loop):
     over the loop body without its back edges (nested loops' bodies counted once)."""
     body = loop.body
     edges = {b: [s for s in cfg.succ[b] if s in body and not cfg.dominates(s, b)] for b in body}
-    order, seen = [], set()
-
-    def visit(b):   # iterative DFS post-order from the header
-        stack = [(b, iter(edges[b]))]
-        seen.add(b)
-        while stack:
-            n, it = stack[-1]
-            nxt = next((s for s in it if s not in seen), None)
-            if nxt is None:
-                order.append(n)
-                stack.pop()
-            else:
-                seen.add(nxt)
-                stack.append((nxt, iter(edges[nxt])))
-
-    visit(loop.header)
+    order = _postorder(loop.header, edges)
     lo, hi = {loop.header: cfg.size(loop.header)}, {loop.header: cfg.size(loop.header)}
     for b in reversed(order):   # topological order
         if b not in lo:
@@ -570,6 +564,7 @@ def kernel_stats(sass_text, registers=None, kernel_regex=None, dev=None):
 _CXXFILT = shutil.which("c++filt")
 
 
+@functools.lru_cache(maxsize=None)
 def short_name(mangled):
     """Demangled name without the argument list (c++filt), else the mangled name."""
     if not _CXXFILT:
@@ -626,19 +621,19 @@ def kernel_files():
     return out
 
 
-COMPILE_OPTIONS = ("-std=c++17", "-ftz=true")   # CuPy's NVRTC defaults (gpuconv.cuda)
-
-
 def compile_cubin(source, arch, workdir, stem, nvcc=None):
     """nvcc source -> cubin bytes (RuntimeError with nvcc's log on failure)."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (PATH, /usr/local/bin, /usr/local/cuda/bin)")
+    from gpuconv import cuda
+    # the loader's NVRTC options; CuPy appends -ftz=true itself
+    opts = tuple(cuda.COMPILE_OPTIONS) + ("-ftz=true",)
     cu = os.path.join(workdir, f"{stem}.{arch}.cu")
     out = cu[:-3] + ".cubin"
     with open(cu, "w", encoding="utf-8") as f:
         f.write(source)
-    r = subprocess.run([nvcc, *COMPILE_OPTIONS, "-cubin", f"-arch={arch}", "-o", out, cu],
+    r = subprocess.run([nvcc, *opts, "-cubin", f"-arch={arch}", "-o", out, cu],
                        capture_output=True, text=True, timeout=900)
     if r.returncode:
         raise RuntimeError(f"nvcc failed on {stem} ({arch}):\n{r.stdout}{r.stderr}")
