@@ -314,3 +314,22 @@ def test_igemm_fprop_main_loops():
         if re.match(r"_Z11igemm_fpropI\w+?Li1E", r["kernel"]):   # MODE_F16
             assert s["mma_ops"] in (["HMMA.16816.F32"], ["HMMA.16816.F32.BF16"])
         assert s["counts"]["bar"] == s["slabs"]   # one __syncthreads per slab
+
+
+def test_cli_on_a_listing(tmp_path, capsys):
+    sass, out = tmp_path / "t.sass", tmp_path / "t.json"
+    sass.write_text(NVDISASM)
+    assert ss.main(["--sass", str(sass), "--kernel", "test", "--json", str(out),
+                    "--markdown"]) == 0
+    printed = capsys.readouterr().out
+    assert "no GPU run" in printed and "| t.sass |" in printed
+    import json
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "gpuconv-sass-stats/1"
+    (row,) = doc["rows"]   # --kernel left out _Z4copyPf
+    assert row["kernel"] == "_Z4testPf" and row["loop"]["instrs"] == 18
+    # one MMA in the loop: a GEMM-like loop gets a prediction; 1 KiB of shared traffic (8 clk)
+    # outweighs 18 instructions (4.5 clk)
+    assert row["predicted"]["bound"] == "smem" and row["predicted"]["unit"] == "fp16"
+    with pytest.raises(SystemExit):
+        ss.main(["--device", "a100"])
