@@ -718,6 +718,24 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def target_failures(rows, min_mma_share=None, no_scalar_loads=False):
+    """[message] for each selected row with MMA in its main loop that misses a target: an MMA
+    share of the loop's instructions below `min_mma_share`, or (`no_scalar_loads`) a global load
+    narrower than 16 bytes (issue 12's goals for the third generation's f16/bf16 loops)."""
+    out = []
+    for r in rows:
+        s = r["loop"]
+        if not s or not s["counts"].get("mma"):
+            continue
+        share = s["counts"]["mma"] / s["instrs"]
+        if min_mma_share is not None and share < min_mma_share:
+            out.append(f"{r['name']}: MMA share {100 * share:.1f}% < {100 * min_mma_share:.0f}%")
+        if no_scalar_loads and s["scalar_global_loads"]:
+            out.append(f"{r['name']}: {s['scalar_global_loads']} global loads narrower than "
+                       f"16 bytes in the main loop")
+    return out
+
+
 def text_table(rows):
     cells = [list(COLUMNS)] + [row_cells(r) for r in rows]
     w = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
@@ -745,6 +763,10 @@ def main(argv=None):
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--keep", help="keep the .cu and .cubin files in this directory")
     ap.add_argument("--jobs", type=int, default=2, help="parallel nvcc jobs (default 2)")
+    ap.add_argument("--min-mma-share", type=float, help="exit 1 when a selected loop with MMA "
+                    "has a smaller MMA share (issue 12's target for f16/bf16 128x128: 0.15)")
+    ap.add_argument("--no-scalar-loads", action="store_true", help="exit 1 when a selected "
+                    "loop with MMA has a global load narrower than 16 bytes")
     a = ap.parse_args(argv)
     dev = device(a.device)
     if a.sass or a.cubin:
@@ -779,7 +801,10 @@ def main(argv=None):
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump({"schema": "gpuconv-sass-stats/1", "arch": a.arch, "device": dev.name,
                        "rows": rows}, f, indent=1)
-    return 0
+    fails = target_failures(rows, a.min_mma_share, a.no_scalar_loads)
+    for msg in fails:
+        print(f"TARGET MISSED: {msg}")
+    return 1 if fails else 0
 
 
 if __name__ == "__main__":

@@ -333,3 +333,18 @@ def test_cli_on_a_listing(tmp_path, capsys):
     assert row["predicted"]["bound"] == "smem" and row["predicted"]["unit"] == "fp16"
     with pytest.raises(SystemExit):
         ss.main(["--device", "a100"])
+
+
+def test_targets(tmp_path, capsys):
+    sass = tmp_path / "t.sass"
+    sass.write_text(NVDISASM)
+    rows = ss.kernel_stats(NVDISASM)
+    # 1 HMMA in 18 instructions = 5.6%; 2 of the 3 LDG are narrower than 16 bytes
+    assert ss.target_failures(rows, 0.05, False) == []
+    name = ss.short_name("_Z4testPf")   # "test" with c++filt, else the mangled name
+    assert ss.target_failures(rows, 0.06, True) == [
+        f"{name}: MMA share 5.6% < 6%",
+        f"{name}: 2 global loads narrower than 16 bytes in the main loop"]
+    assert ss.main(["--sass", str(sass), "--min-mma-share", "0.15"]) == 1
+    assert "TARGET MISSED" in capsys.readouterr().out
+    assert ss.main(["--sass", str(sass), "--min-mma-share", "0.05"]) == 0
