@@ -59,10 +59,12 @@ def dtype_name(dtype) -> str:
 
 def ctype(dtype) -> str:
     """The kernels' C++ type for a NumPy dtype; TypeError for one the CUDA engine lacks."""
+    name = dtype
     try:
-        return CTYPES[dtype_name(dtype)]
+        name = dtype_name(dtype)
+        return CTYPES[name]
     except (KeyError, TypeError):
-        raise TypeError(f"the CUDA engine has no kernels for dtype {dtype}; use "
+        raise TypeError(f"the CUDA engine has no kernels for dtype {name}; use "
                         "float16, bfloat16, float32 or float64") from None
 
 
