@@ -331,7 +331,7 @@ def _module(cupy, file):
                     mod.compile()  # compile now, so errors surface here with the file name
                 except cupy.cuda.compiler.CompileException as e:
                     raise compile_error(file, COMPILE_OPTIONS, e) from e
-                except (RuntimeError, OSError, ImportError, AttributeError) as e:
+                except (RuntimeError, OSError, ImportError) as e:
                     mapped = toolkit_error(file, e)
                     if mapped is None:
                         raise
