@@ -132,13 +132,20 @@ def wgrad_splits(p: ConvProblem, tile: Tile, sm_count: int, max_splits=64, min_s
     return int(max(1, min(want, cap, max_splits, MAX_GRID_YZ // p.groups)))
 
 
+def gemm_rows(op, p: ConvProblem) -> int:
+    """The GEMM's M as the kernel covers it: dgrad runs one stride phase per grid.z slice, so
+    its M is the largest phase's N * ceil(H / stride_h) * ceil(W / stride_w)."""
+    if op == "dgrad":
+        return p.N * -(-p.H // p.stride_h) * -(-p.W // p.stride_w)
+    return p.gemm_shape(op)[1]
+
+
 def launch_grid(op, p: ConvProblem, tile: Tile, splits=1):
     """The (x, y, z) grid of the implicit-GEMM kernel of `op` on `p`: x covers the GEMM's M
     (dgrad: the largest stride phase), y its N, z the groups times the stride phases (dgrad) or
     the K splits (wgrad)."""
-    g, m, n, _ = p.gemm_shape(op)
-    if op == "dgrad":
-        m = p.N * -(-p.H // p.stride_h) * -(-p.W // p.stride_w)  # the largest phase
+    g, _, n, _ = p.gemm_shape(op)
+    m = gemm_rows(op, p)
     z = g * (p.stride_h * p.stride_w if op == "dgrad" else int(splits) if op == "wgrad" else 1)
     return (-(-m // tile.bm), -(-n // tile.bn), z)
 
@@ -158,7 +165,7 @@ def igemm_args(op, p: ConvProblem, tile: Tile, itemsize: int, *, splits=1, vec_a
     for f in ("N", "C", "H", "W", "K", "R", "S", "P", "Q", "pad_h", "pad_w", "stride_h",
               "stride_w", "dil_h", "dil_w", "groups", "Cg", "Kg"):
         a[f] = getattr(p, f)
-    g, m, n, k = p.gemm_shape(op)
+    _, _, n, k = p.gemm_shape(op)
     splits = int(splits) if op == "wgrad" else 1
     k_chunk = -(-k // splits)
     k_chunk = -(-k_chunk // tile.bk) * tile.bk
@@ -170,8 +177,7 @@ def igemm_args(op, p: ConvProblem, tile: Tile, itemsize: int, *, splits=1, vec_a
             a[name][0, :len(col)] = col
         for name, col in zip(("pw_s0", "pw_ts", "pw_dq0", "pw_n"), zip(*rows_w)):
             a[name][0, :len(col)] = col
-        m = p.N * -(-p.H // p.stride_h) * -(-p.W // p.stride_w)  # the largest phase
-    a["gemm_m"], a["gemm_n"], a["gemm_k"] = m, n, k
+    a["gemm_m"], a["gemm_n"], a["gemm_k"] = gemm_rows(op, p), n, k
     a["vec_a"], a["vec_b"], a["has_bias"] = int(vec_a), int(vec_b), int(has_bias)
     a["splits"], a["k_chunk"] = splits, k_chunk
     grid = launch_grid(op, p, tile, splits)
