@@ -331,6 +331,14 @@ def test_registry_register_select_and_context(registry):
         ce.select("dgrad", p, np.float32)
 
 
+def test_registry_refuses_a_forced_algorithm_outside_its_domain(registry):
+    p = ConvProblem.from_args((1, 2, 5, 5), (2, 2, 3, 3))
+    with ce.use_algorithm("fprop", "igemm_simt_128x128"):
+        assert ce.select("fprop", p, np.float32)[0] == "igemm_simt_128x128"
+        with pytest.raises(ValueError, match="'igemm_simt_128x128' does not support .* float16"):
+            ce.select("fprop", p, np.float16)  # the SIMT path has no fp16 data type
+
+
 # ---- no driver / no CuPy ------------------------------------------------------------------------
 def _run(code, tmp_path):
     env = dict(os.environ, CUPY_CACHE_DIR=str(tmp_path / "cupy-cache"))
@@ -369,6 +377,18 @@ def test_cupy_without_driver(tmp_path):
     cli = _run("from gpuconv.cuda import _main; raise SystemExit(_main(['--precompile']))",
                tmp_path)
     assert cli.returncode == 1 and "CUDA engine is unavailable" in cli.stderr
+
+
+def test_catalogue_is_complete_in_a_fresh_process(tmp_path):
+    """`import gpuconv.cuda` alone catalogues both generations (registration is by import), and
+    `import gpuconv` loads neither the loader nor the engine."""
+    res = _run("import sys, gpuconv\n"
+               "assert 'gpuconv.kernel_loader' not in sys.modules\n"
+               "assert 'gpuconv.engines.cuda_engine' not in sys.modules\n"
+               "import gpuconv.cuda as c\n"
+               "print(sorted((f, len(n)) for f, n, _ in c.catalogue()))", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(sorted((f, len(n)) for f, n, _ in gcuda.catalogue()))
 
 
 def test_without_cupy(tmp_path):

@@ -101,10 +101,17 @@ def select(op, p, dtype):
     if algo == AUTO:
         algo = _auto_policy(op, p, np.dtype(dtype))
     try:
-        return algo, ALGORITHMS[op][algo]
+        fn = ALGORITHMS[op][algo]
     except KeyError:
         raise ValueError(f"{op} algorithm {algo!r} (chosen by the auto policy) is not "
                          f"registered; registered: {sorted(ALGORITHMS[op])}") from None
+    sup = getattr(fn, "supports", None)
+    if sup is not None and not sup(p, np.dtype(dtype)):
+        # a forced choice (set_algorithm) outside the algorithm's domain: say so here, rather
+        # than fail inside it (or launch a grid CUDA rejects)
+        raise ValueError(f"{op} algorithm {algo!r} does not support {p} in "
+                         f"{np.dtype(dtype).name}; use set_algorithm({op!r}, 'auto')")
+    return algo, fn
 
 
 # every algorithm module registers itself, first generation first (registry order = the
