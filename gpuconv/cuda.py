@@ -17,12 +17,12 @@ from . import kernel_loader as _loader
 from .engines import cuda_engine as _engine  # noqa: F401  (imports every algorithm module)
 from .engines.cuda_im2col import ACT_KINDS, KERNELS  # noqa: F401  (the first generation's list)
 from .kernel_loader import (  # noqa: F401  (re-exported: the public names of the CUDA side)
-    BLOCK, COMPILE_OPTIONS, CONV_GEOM_DTYPE, CONV_GEOM_FIELDS, CTYPES, MAX_BLOCKS,
-    POOL_GEOM_DTYPE, POOL_GEOM_FIELDS, STRUCTS, CudaUnavailableError, KernelCompileError,
-    acc_dtype, add_kernels, batch_chunk, compile_error, conv_geom, ctype, cuda_available,
-    get_kernel, get_workspace_limit, install_hint, instantiation_source, kernel_source, launch,
-    pool_geom, require_cuda, set_workspace_limit, toolkit_error, unavailable_reason,
-    workspace_limit)
+    BLOCK, COMPILE_OPTIONS, CONV_GEOM_DTYPE, CONV_GEOM_FIELDS, CTYPES, DEFAULT_WORKSPACE_BYTES,
+    MAX_BLOCKS, MIN_CUPY, POOL_GEOM_DTYPE, POOL_GEOM_FIELDS, STRUCTS, CudaUnavailableError,
+    KernelCompileError, acc_dtype, add_kernels, batch_chunk, compile_error, conv_geom, ctype,
+    cuda_available, get_kernel, get_workspace_limit, install_hint, instantiation_source,
+    kernel_source, launch, pool_geom, require_cuda, set_workspace_limit, toolkit_error,
+    unavailable_reason, workspace_limit)
 
 __all__ = [
     "catalogue", "precompile", "CudaUnavailableError", "KernelCompileError", "cuda_available",

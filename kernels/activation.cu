@@ -5,7 +5,7 @@
 //   act_dgrad<T>(x, y, dy, dx, n, kind, alpha)  dx (n,) from the forward input x, output y and
 //                                               the upstream dy (relu/leaky read x; sigmoid/tanh
 //                                               read y; elu reads both)
-//       kind (the host's ACT_KINDS in gpuconv/cuda.py):
+//       kind (the host's ACT_KINDS in gpuconv/engines/cuda_im2col.py):
 //         0 relu        y = x > 0 ? x : 0 (NaN stays NaN)          dx = x > 0 ? dy : 0
 //         1 leaky_relu  y = x > 0 ? x : alpha*x                    dx = x > 0 ? dy : alpha*dy
 //         2 sigmoid     y = 1/(1+e) or e/(1+e), e = exp(-|x|)      dx = dy*y*(1-y)

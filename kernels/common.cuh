@@ -1,8 +1,8 @@
 // common.cuh -- shared by every kernels/*.cu file of the CUDA engine.
 //
-// The loader (gpuconv/cuda.py) pastes this header's text in place of `#include "common.cuh"`,
-// because CuPy's disk cache is keyed on the source text and not on -I headers: an edited header
-// must change the key, or a stale binary would be loaded.
+// The loader (gpuconv/kernel_loader.py) pastes this header's text in place of
+// `#include "common.cuh"`, because CuPy's disk cache is keyed on the source text and not on -I
+// headers: an edited header must change the key, or a stale binary would be loaded.
 //
 // Contents
 //   ConvGeom / PoolGeom  the problem geometry as one by-value kernel argument. Field for field
