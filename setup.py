@@ -13,9 +13,11 @@ setup(
     package_data={"gpuconv.kernels": ["*.cu", "*.cuh"], "gpuconv.benchmark": ["*.csv"]},
     install_requires=["numpy>=1.23"],
     extras_require={
-        # choose one CuPy build, matching the CUDA major version of the driver
-        "cuda12": ["cupy-cuda12x>=14.2"],
-        "cuda13": ["cupy-cuda13x>=14.2"],
+        # choose one CuPy build, matching the CUDA major version of the driver; CuPy's [ctk]
+        # extra brings the CUDA headers and NVRTC as wheels (a driver-only machine has neither),
+        # ml_dtypes is CuPy's bfloat16 dtype
+        "cuda12": ["cupy-cuda12x[ctk]>=14.2", "ml_dtypes>=0.5"],
+        "cuda13": ["cupy-cuda13x[ctk]>=14.2", "ml_dtypes>=0.5"],
         "digits": ["scikit-learn>=1.3"],
         "plot": ["matplotlib>=3.7"],
         # wheel: the install test builds a wheel without build isolation (offline GPU machine)

@@ -10,10 +10,13 @@ import sys
 
 import numpy as np
 
-CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# bfloat16: the second-generation kernels have bf16 paths, but NumPy/CuPy have no bfloat16
-# array dtype to hand them, so no public op accepts it yet.
-GPU_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# dtype names (bfloat16 is ml_dtypes.bfloat16, CuPy 14's bf16 dtype; by name, so that NumPy
+# without ml_dtypes loaded still compares).
+CPU_DTYPES = ("float32", "float64")
+# float16 and bfloat16 compute on the GPU only, with float32 accumulation. The NumPy engine
+# would have to upcast them to float32 for every GEMM and round back -- honest, but a silent
+# 2-4x memory and time cost the user did not ask for -- so a CPU array of either is a TypeError.
+GPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def is_cupy_array(a) -> bool:
@@ -57,10 +60,12 @@ def check_arrays(names_arrays, *, ndim=None):
     for name, a in present:
         if ndim and name in ndim and a.ndim != ndim[name]:
             raise ValueError(f"{name} must be a {ndim[name]}-D array, got shape {a.shape}")
-        if a.dtype not in allowed:
-            where = "on the GPU" if xp is not np else "on the CPU (float16 runs on the GPU only)"
+        if a.dtype.name not in allowed:
+            where = ("on the GPU" if xp is not np else
+                     "on the CPU (float16 and bfloat16 run on the GPU only: move the arrays "
+                     "with cupy.asarray, or cast them with .astype(numpy.float32))")
             raise TypeError(f"{name} has dtype {a.dtype}; expected one of "
-                            f"{', '.join(str(d) for d in allowed)} {where}")
+                            f"{', '.join(allowed)} {where}")
         if dtype is None:
             dtype, first = a.dtype, name
         elif a.dtype != dtype:

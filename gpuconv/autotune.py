@@ -18,6 +18,7 @@ the CPU with fake candidates and a fake timer (tests/test_autotune.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.resources
 import json
@@ -47,8 +48,9 @@ HEURISTIC_ORDER = ("direct_depthwise", "im2col_gemm")
 # keys, hashes, candidates
 # ---------------------------------------------------------------------------------------------
 def problem_key(op, p: ConvProblem, dtype, tf32: bool) -> str:
-    f = p.__dict__
-    geo = ",".join(f"{k}={f[k]}" for k in sorted(f))
+    # the dataclass fields only: p.__dict__ would also hold whichever cached sizes (P, Q) had
+    # been computed, so one problem could get two keys
+    geo = ",".join(f"{k}={getattr(p, k)}" for k in sorted(f.name for f in dataclasses.fields(p)))
     return f"{op}|{np.dtype(dtype).name}|tf32={int(bool(tf32))}|{geo}"
 
 
@@ -274,7 +276,9 @@ def random_inputs(op, p: ConvProblem, dtype, xp, seed=None):
     rng = np.random.default_rng(seed)
 
     def r(shape):
-        return xp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+        # rounded on the host (NumPy / ml_dtypes), then uploaded: no device cast kernel, so a
+        # bfloat16 tuning run needs no CuPy bf16 support beyond the array itself
+        return xp.asarray(rng.standard_normal(shape, dtype=np.float32).astype(dtype))
 
     if op == "fprop":
         return r(p.x_shape), r(p.w_shape), r((p.K,))
@@ -304,10 +308,11 @@ REFERENCE_ALGORITHM = "im2col_gemm"
 
 
 def gpu_policy(op, p: ConvProblem, dtype):
-    """cuda_engine.set_auto_policy(gpu_policy): autotune (default) or the heuristic."""
+    """The CUDA engine's "auto" policy (second generation on): autotune (default) or the
+    heuristic, among the algorithms of gpuconv.engines.cuda_registry."""
     import cupy
-    from .engines import cuda_engine
-    registry = cuda_engine.ALGORITHMS[op]
+    from .engines import cuda_registry
+    registry = cuda_registry.ALGORITHMS[op]
     if not autotune_enabled():
         return heuristic(op, p, dtype, registry)
     ref_fn = registry[REFERENCE_ALGORITHM]

@@ -2,7 +2,11 @@
 
 - TF32 (``set_allow_tf32``): float32 convolutions may run on the tensor cores in TF32 (10-bit
   mantissa operands, fp32 accumulation; relative error near 1e-3 instead of 1e-6). Off by
-  default, as in PyTorch's ``torch.backends.cudnn.allow_tf32 = False`` semantics for exactness.
+  default, for exact float32. PyTorch differs here: its cuDNN convolutions use TF32 by default
+  (``torch.backends.cudnn.allow_tf32`` defaults to True); only its matmuls default to full fp32
+  (``torch.backends.cuda.matmul.allow_tf32 = False``). So gpuconv in float32 matches PyTorch
+  with ``torch.backends.cudnn.allow_tf32 = False``; ``set_allow_tf32(True)`` is PyTorch's
+  default convolution math (gpuconv-bench reports cuDNN with TF32 off and on).
 - Autotuning (``set_autotune``): "auto" algorithm choice times the correct candidates once per
   problem and remembers the fastest (gpuconv.autotune). On by default; the environment variable
   ``GPUCONV_AUTOTUNE=0`` turns it off (a fixed heuristic picks instead).

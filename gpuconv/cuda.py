@@ -1,395 +1,51 @@
-"""Loading the CUDA kernels: sources, instantiations, per-device modules, launches, workspace.
+"""gpuconv's CUDA side, public face: availability, the kernel catalogue, precompilation,
+workspace limits. ``python -m gpuconv.cuda --precompile`` compiles every kernel for the current
+device up front (into CuPy's disk cache, ``CUPY_CACHE_DIR``).
 
-Everything here imports only NumPy and the standard library at module level, so ``import
-gpuconv`` works without CuPy, a driver or a GPU; CuPy is imported the first time a kernel is
-compiled or CUDA is probed.
-
-- :data:`KERNELS` is the ONE list of (file, name expressions) the package launches. The loader
-  compiles exactly these (``cupy.RawModule(name_expressions=...)``) and the CI compile test
-  (tests/test_kernels_compile.py) instantiates exactly these with nvcc.
-- Sources are read from the installed package (``importlib.resources.files("gpuconv.kernels")``,
-  so a non-editable wheel works) and ``#include "x.cuh"`` lines are replaced by the header text:
-  CuPy's disk cache is keyed on the source text, not on ``-I`` headers, so an edited header
-  must change the text (cupy/cupy#941). ``CUPY_CACHE_DIR`` is honoured by CuPy itself.
-- One compiled module per (device, file), memoized: a module handle is only valid on the device
-  that loaded it (cupy/cupy#5795).
-- Launches use typed NumPy scalars only (a Python int would travel as 64-bit, a float as
-  double, unchecked: cupy/cupy#8485) and run on the current CuPy stream.
-- The im2col column matrix is bounded by the workspace limit (:func:`set_workspace_limit`, env
-  ``GPUCONV_WORKSPACE_BYTES``, default 1 GiB): the engine splits the batch into chunks.
-
-``python -m gpuconv.cuda --precompile`` compiles every kernel for the current device up front.
+The machinery lives below (DESIGN.md "One-way seams"): gpuconv.kernel_loader (catalogue and
+loader, knows no algorithm), the algorithm modules that add their kernels to the catalogue
+(gpuconv.engines.cuda_im2col, cuda_igemm), the registry, the autotuner and the engine. This
+module imports the engine, so :func:`catalogue` and :func:`precompile` cover every algorithm.
+Importing it needs no CuPy, driver or GPU.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.resources
-import os
-import re
 import sys
-import threading
 
-import numpy as np
+from . import kernel_loader as _loader
+from .engines import cuda_engine as _engine  # noqa: F401  (imports every algorithm module)
+from .engines.cuda_im2col import ACT_KINDS, KERNELS  # noqa: F401  (the first generation's list)
+from .kernel_loader import (  # noqa: F401  (re-exported: the public names of the CUDA side)
+    BLOCK, COMPILE_OPTIONS, CONV_GEOM_DTYPE, CONV_GEOM_FIELDS, CTYPES, DEFAULT_WORKSPACE_BYTES,
+    MAX_BLOCKS, MIN_CUPY, POOL_GEOM_DTYPE, POOL_GEOM_FIELDS, STRUCTS, CudaUnavailableError,
+    KernelCompileError, acc_dtype, add_kernels, batch_chunk, compile_error, conv_geom, ctype,
+    cuda_available, get_kernel, get_workspace_limit, install_hint, instantiation_source,
+    kernel_source, launch, pool_geom, require_cuda, set_workspace_limit, toolkit_error,
+    unavailable_reason, workspace_limit)
 
 __all__ = [
-    "KERNELS", "CudaUnavailableError", "KernelCompileError", "cuda_available", "require_cuda",
-    "precompile", "get_kernel", "launch", "kernel_source", "conv_geom", "pool_geom",
-    "get_workspace_limit", "set_workspace_limit", "workspace_limit", "batch_chunk",
+    "catalogue", "precompile", "CudaUnavailableError", "KernelCompileError", "cuda_available",
+    "require_cuda", "unavailable_reason", "get_kernel", "launch", "kernel_source",
+    "instantiation_source", "COMPILE_OPTIONS", "KERNELS", "get_workspace_limit",
+    "set_workspace_limit", "workspace_limit", "batch_chunk", "install_hint",
 ]
 
-# ---------------------------------------------------------------------------------------------
-# the kernels the package launches: ONE list, for the loader and the CI compile test
-# ---------------------------------------------------------------------------------------------
-#: numpy dtype -> the C++ storage type the kernels are instantiated with.
-CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
-          np.dtype(np.float16): "__half"}
-_ALL = tuple(CTYPES.values())
 
-
-def _each(template, types=_ALL):
-    return tuple(f"{template}<{t}>" for t in types)
-
-
-KERNELS = (
-    ("conv_im2col.cu",
-     tuple(f"im2col<{t}, {t}>" for t in _ALL)
-     # fp16 wgrad: the column matrix in fp32 so the N*P*Q reduction is an fp32 GEMM
-     + ("im2col<__half, float>",)
-     + _each("gemm_to_nchw")),
-    ("conv_dgrad.cu", _each("dgrad_col")),
-    ("pool.cu", _each("maxpool_fprop") + _each("maxpool_dgrad")),
-    ("activation.cu", _each("act_fprop") + _each("act_dgrad") + _each("maxout_fprop")
-     + _each("maxout_dgrad")),
-)
-
-#: name expression -> file, for get_kernel.
-_FILE_OF = {name: f for f, names in KERNELS for name in names}
-
-#: activation kind -> the `kind` switch value of kernels/activation.cu
-ACT_KINDS = {"relu": 0, "leaky_relu": 1, "sigmoid": 2, "tanh": 3, "elu": 4}
-
-#: NVRTC options. CuPy appends -ftz=true itself; the compile test passes the same to nvcc.
-COMPILE_OPTIONS = ("-std=c++17",)
-
-BLOCK = 256
-#: Grid cap: kernels use 64-bit grid-stride loops, so any element count fits in this grid.
-MAX_BLOCKS = 1 << 16
-
-
-def ctype(dtype) -> str:
-    """The kernels' C++ type for a NumPy dtype; TypeError for one the CUDA engine lacks."""
-    try:
-        return CTYPES[np.dtype(dtype)]
-    except KeyError:
-        raise TypeError(f"the CUDA engine has no kernels for dtype {np.dtype(dtype)}; use "
-                        "float16, float32 or float64") from None
-
-
-def acc_dtype(dtype):
-    """The accumulation dtype of a storage dtype: float64 for float64, float32 otherwise."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# geometry structs (kernels/common.cuh: ConvGeom, PoolGeom) -- all int64, no padding
-# ---------------------------------------------------------------------------------------------
-CONV_GEOM_FIELDS = ("N", "C", "H", "W", "K", "R", "S", "P", "Q", "pad_h", "pad_w", "pad_h_end",
-                    "pad_w_end", "stride_h", "stride_w", "dil_h", "dil_w", "groups")
-POOL_GEOM_FIELDS = ("N", "C", "H", "W", "R", "S", "P", "Q", "pad_h", "pad_w", "stride_h",
-                    "stride_w", "dil_h", "dil_w")
-CONV_GEOM_DTYPE = np.dtype([(f, np.int64) for f in CONV_GEOM_FIELDS])
-POOL_GEOM_DTYPE = np.dtype([(f, np.int64) for f in POOL_GEOM_FIELDS])
-STRUCTS = (("ConvGeom", CONV_GEOM_DTYPE), ("PoolGeom", POOL_GEOM_DTYPE))
-
-
-def _pack(dtype, obj):
-    # A shape-(1,) structured array is passed by value as the struct's bytes (CuPy's
-    # examples/custom_struct does the same).
-    g = np.zeros(1, dtype=dtype)
-    for f in dtype.names:
-        g[f] = getattr(obj, f)
-    return g
-
-
-def conv_geom(p):
-    """ConvGeom for a ConvProblem (P and Q taken from the problem, never recomputed)."""
-    return _pack(CONV_GEOM_DTYPE, p)
-
-
-def pool_geom(pp):
-    """PoolGeom for a PoolProblem."""
-    return _pack(POOL_GEOM_DTYPE, pp)
-
-
-# ---------------------------------------------------------------------------------------------
-# sources
-# ---------------------------------------------------------------------------------------------
-_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
-_PRAGMA_ONCE = re.compile(r'^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$', re.M)
-
-
-def _read_packaged(name: str) -> str:
-    return importlib.resources.files("gpuconv.kernels").joinpath(name).read_text(
-        encoding="utf-8")
-
-
-def kernel_source(file: str, read=_read_packaged) -> str:
-    """The text of kernels/`file` with every quoted #include replaced by the header's text.
-
-    Each header is pasted once (later includes of it become a comment), recursively; system
-    includes (``<cuda_fp16.h>``) stay as they are. ``read(name) -> str`` is replaceable for tests.
-    """
-    seen = set()
-
-    def expand(name, text):
-        def sub(m):
-            inc = m.group(1)
-            if inc in seen:
-                return f"// (already inlined: {inc})"
-            seen.add(inc)
-            # `#pragma once` is moot once pasted (and nvcc warns about it in a main file)
-            body = _PRAGMA_ONCE.sub("", expand(inc, read(inc)))
-            return f"// ---- begin {inc} (inlined) ----\n{body}\n// ---- end {inc} ----"
-        return _INCLUDE.sub(sub, text)
-
-    return f"// gpuconv kernel file: {file}\n" + expand(file, read(file))
-
-
-# ---------------------------------------------------------------------------------------------
-# availability
-# ---------------------------------------------------------------------------------------------
-class CudaUnavailableError(RuntimeError):
-    """CUDA was requested but cannot be used; the message says why (no CuPy/driver/device)."""
-
-
-class KernelCompileError(RuntimeError):
-    """NVRTC rejected a kernel file; the message has the file, the options and NVRTC's log."""
-
-
-MIN_CUPY = (14, 2)
-_cuda_ok = False
-
-
-def unavailable_reason():
-    """None if CUDA is usable, else a sentence saying why not: no CuPy, a CuPy too old, no
-    driver, or no device (their fixes differ). The one copy of this probe."""
-    try:
-        import cupy
-    except ImportError as e:
-        return (f"CuPy is not installed (ImportError: {e}); install it with "
-                "pip install gpuconv[cuda12] or gpuconv[cuda13] (cupy >= 14.2)")
-    except Exception as e:  # a broken install: say what broke
-        return f"CuPy failed to import ({type(e).__name__}: {e})"
-    version = tuple(int(v) for v in re.findall(r"\d+", cupy.__version__)[:2])
-    if version < MIN_CUPY:
-        return (f"CuPy {cupy.__version__} is too old: gpuconv needs >= 14.2 (templated kernel "
-                "modules are reliably disk-cached only from 14.2, cupy/cupy#10173)")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDARuntimeError
-        msg = str(e)
-        if "NoDevice" in msg or "no CUDA-capable device" in msg:
-            return f"no CUDA device is visible ({msg})"
-        if "Driver" in msg or "driver" in msg or "libcuda" in msg:
-            return (f"no usable NVIDIA driver: CuPy is installed but the CUDA driver is missing "
-                    f"or too old ({msg})")
-        return f"CUDA is not usable ({type(e).__name__}: {msg})"
-    if count < 1:
-        return "no CUDA device is visible (the driver reports 0 devices)"
-    return None
-
-
-def cuda_available() -> bool:
-    """True if CuPy, an NVIDIA driver and at least one CUDA device are usable."""
-    return _cuda_ok or unavailable_reason() is None
-
-
-def require_cuda():
-    """Return the cupy module, or raise CudaUnavailableError naming why CUDA cannot be used."""
-    global _cuda_ok
-    if not _cuda_ok:
-        reason = unavailable_reason()
-        if reason is not None:
-            raise CudaUnavailableError(f"the CUDA engine is unavailable: {reason}")
-        _cuda_ok = True
-    import cupy
-    return cupy
-
-
-# ---------------------------------------------------------------------------------------------
-# modules, one per (device, file)
-# ---------------------------------------------------------------------------------------------
-_modules: dict = {}     # (device id, file) -> cupy.RawModule
-_functions: dict = {}   # (device id, name expression) -> cupy.RawKernel
-_lock = threading.Lock()
-
-
-def compile_error(file, options, exc) -> KernelCompileError:
-    """A KernelCompileError for CuPy's CompileException `exc` (its message is NVRTC's log)."""
-    log = exc.get_message() if hasattr(exc, "get_message") else str(exc)
-    return KernelCompileError(
-        f"compiling kernels/{file} failed (options: {' '.join(options)}).\nNVRTC log:\n{log}\n"
-        "Set CUPY_DUMP_CUDA_SOURCE_ON_ERROR=1 to see the assembled source.")
-
-
-def _module(cupy, file):
-    dev = cupy.cuda.runtime.getDevice()
-    key = (dev, file)
-    mod = _modules.get(key)
-    if mod is None:
-        with _lock:
-            mod = _modules.get(key)
-            if mod is None:
-                names = dict(KERNELS)[file]
-                try:
-                    mod = cupy.RawModule(code=kernel_source(file), options=COMPILE_OPTIONS,
-                                         name_expressions=list(names))
-                    mod.compile()  # compile now, so errors surface here with the file name
-                except cupy.cuda.compiler.CompileException as e:
-                    raise compile_error(file, COMPILE_OPTIONS, e) from e
-                _modules[key] = mod
-    return mod
-
-
-def get_kernel(name: str):
-    """The compiled kernel `name` (a name expression from KERNELS) on the current device."""
-    cupy = require_cuda()
-    dev = cupy.cuda.runtime.getDevice()
-    fn = _functions.get((dev, name))
-    if fn is None:
-        try:
-            file = _FILE_OF[name]
-        except KeyError:
-            raise KeyError(f"{name!r} is not in gpuconv.cuda.KERNELS") from None
-        fn = _module(cupy, file).get_function(name)
-        _functions[(dev, name)] = fn
-    return fn
-
-
-def launch(name: str, n_threads: int, args):
-    """Launch kernel `name` with one (grid-stride) thread per element on the current stream."""
-    n_threads = int(n_threads)
-    if n_threads <= 0:
-        return
-    blocks = min((n_threads + BLOCK - 1) // BLOCK, MAX_BLOCKS)
-    get_kernel(name)((blocks,), (BLOCK,), tuple(args))
+def catalogue():
+    """Every kernel instantiation the engine can launch, both generations:
+    a tuple of ``(file, name_expressions, structs)``, one per kernels/ file, where
+    ``name_expressions`` is a tuple of str (``"im2col<float, float>"``) and ``structs`` a tuple
+    of ``(C struct name, numpy structured dtype)`` the host packs for that file's kernels.
+    ``instantiation_source(file, names=..., structs=...)`` builds a compile-check unit from it."""
+    return _loader.registered()
 
 
 def precompile(device=None, verbose=False):
-    """Compile every kernel in KERNELS for `device` (default: the current one) now.
-
-    Returns the list of name expressions compiled. Compiled binaries land in CuPy's disk cache
-    (``CUPY_CACHE_DIR``), so later processes load them instead of compiling.
-    """
-    cupy = require_cuda()
-    ctx = cupy.cuda.Device(device) if device is not None else contextlib.nullcontext()
-    done = []
-    with ctx:
-        for file, names in KERNELS:
-            for name in names:
-                get_kernel(name)
-                done.append(name)
-            if verbose:
-                print(f"compiled kernels/{file}: {len(names)} kernels", file=sys.stderr)
-        from .engines import cuda_igemm  # the second generation keeps its own list
-        for file, names in cuda_igemm.IGEMM_KERNELS:
-            for name in names:
-                cuda_igemm.get_kernel(name)
-                done.append(name)
-            if verbose:
-                print(f"compiled kernels/{file}: {len(names)} kernels", file=sys.stderr)
-    return done
-
-
-# ---------------------------------------------------------------------------------------------
-# workspace
-# ---------------------------------------------------------------------------------------------
-DEFAULT_WORKSPACE_BYTES = 1 << 30
-_workspace_override = None
-
-
-def get_workspace_limit() -> int:
-    """Bytes the engine may spend on a temporary (column matrix) before it chunks the batch.
-
-    Set by :func:`set_workspace_limit`, else the env var ``GPUCONV_WORKSPACE_BYTES``, else 1 GiB.
-    """
-    if _workspace_override is not None:
-        return _workspace_override
-    env = os.environ.get("GPUCONV_WORKSPACE_BYTES")
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(f"GPUCONV_WORKSPACE_BYTES must be a positive integer number of "
-                             f"bytes, got {env!r}") from None
-        if value < 1:
-            raise ValueError(f"GPUCONV_WORKSPACE_BYTES must be positive, got {env!r}")
-        return value
-    return DEFAULT_WORKSPACE_BYTES
-
-
-def set_workspace_limit(nbytes):
-    """Set the workspace limit in bytes (None: back to the env var / the 1 GiB default)."""
-    global _workspace_override
-    if nbytes is not None:
-        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
-            raise TypeError(f"workspace limit must be an int number of bytes, got {nbytes!r}")
-        if nbytes < 1:
-            raise ValueError(f"workspace limit must be positive, got {nbytes}")
-        nbytes = int(nbytes)
-    _workspace_override = nbytes
-
-
-@contextlib.contextmanager
-def workspace_limit(nbytes):
-    """Context manager: the workspace limit is `nbytes` inside the block."""
-    global _workspace_override
-    old = _workspace_override
-    set_workspace_limit(nbytes)
-    try:
-        yield
-    finally:
-        _workspace_override = old
-
-
-def batch_chunk(n: int, bytes_per_image: int, limit: int | None = None) -> int:
-    """Images per chunk so that the workspace (bytes_per_image each) stays within `limit`.
-
-    At least 1: a single image whose workspace exceeds the limit still runs, alone.
-    """
-    if limit is None:
-        limit = get_workspace_limit()
-    if bytes_per_image <= 0:
-        return n
-    return max(1, min(n, limit // bytes_per_image))
-
-
-# ---------------------------------------------------------------------------------------------
-# the compile check's translation unit (tests/test_kernels_compile.py)
-# ---------------------------------------------------------------------------------------------
-def instantiation_source(file: str, read=_read_packaged, names=None, structs=None) -> str:
-    """kernel_source(file) plus what makes nvcc compile exactly the given instantiations
-    (default: those KERNELS lists for the file).
-
-    Taking each kernel's address in host code instantiates it (as NVRTC's name expressions do),
-    and static_asserts pin the argument structs (default: ConvGeom/PoolGeom) to the NumPy dtypes
-    the host packs.
-    """
-    names = dict(KERNELS)[file] if names is None else names
-    src = kernel_source(file, read)
-    lines = [src, "", "// ---- generated by gpuconv.cuda ----", "#include <cstddef>"]
-    for struct, dtype in (STRUCTS if structs is None else structs):
-        if f"struct {struct}" not in src:
-            continue
-        lines.append(f"static_assert(sizeof({struct}) == {dtype.itemsize}, \"{struct} size\");")
-        for f in dtype.names:
-            lines.append(f"static_assert(offsetof({struct}, {f}) == {dtype.fields[f][1]}, "
-                         f"\"{struct}.{f} offset\");")
-    lines.append("void* gpuconv_instantiations[] = {")
-    lines += [f"    (void*)&{name}," for name in names]
-    lines.append("};")
-    return "\n".join(lines) + "\n"
+    """Compile every catalogued kernel (both generations) for `device` (default: the current
+    one) now; returns the list of name expressions compiled, in catalogue order. Compiled
+    binaries land in CuPy's disk cache (``CUPY_CACHE_DIR``), so later processes load them."""
+    return _loader.compile_all(device, verbose)
 
 
 def _main(argv=None):
@@ -402,7 +58,7 @@ def _main(argv=None):
     ap.add_argument("--source", metavar="FILE", help="print the assembled source of a kernel file")
     args = ap.parse_args(argv)
     if args.list:
-        for file, names in KERNELS:
+        for file, names, _ in catalogue():
             print(file)
             for n in names:
                 print("   ", n)

@@ -37,8 +37,8 @@ def parse_device(device):
 
 def cuda_unavailable_reason(index=None):
     """None if CUDA device `index` (None: the current one) is usable, else a one-line reason:
-    gpuconv.cuda's probe (no CuPy / too old / no driver / no device), plus the index check."""
-    from .cuda import unavailable_reason
+    the loader's probe (no CuPy / too old / no driver / no device), plus the index check."""
+    from .kernel_loader import unavailable_reason
     reason = unavailable_reason()
     if reason is not None or index is None:
         return reason
@@ -52,7 +52,7 @@ def cuda_unavailable_reason(index=None):
 def require_cuda(index=None):
     """Import and return cupy if CUDA device `index` is usable; CudaUnavailableError (a
     RuntimeError) saying why not."""
-    from .cuda import CudaUnavailableError
+    from .kernel_loader import CudaUnavailableError
     reason = cuda_unavailable_reason(index)
     if reason is not None:
         where = "cuda" if index is None else f"cuda:{index}"

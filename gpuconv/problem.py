@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property
+import math
 import numbers
 
 OPS = ("fprop", "dgrad", "wgrad")
@@ -204,6 +205,21 @@ class ConvProblem:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         return (x + w + y) * itemsize
 
+    def dgrad_phases(self, axis: str):
+        """The stride-phase decomposition of dgrad along `axis` ("h" or "w"): see
+        :func:`phase_taps` (one copy of this arithmetic for every engine)."""
+        if axis == "h":
+            return phase_taps(self.H, self.pad_h, self.R, self.dil_h, self.stride_h, self.P)
+        if axis == "w":
+            return phase_taps(self.W, self.pad_w, self.S, self.dil_w, self.stride_w, self.Q)
+        raise ValueError(f"axis must be 'h' or 'w', got {axis!r}")
+
+    def dgrad_phase_rows(self, axis: str):
+        """dgrad's stride phases along `axis` as arithmetic progressions: see
+        :func:`phase_rows` (the implicit-GEMM kernels' phase tables)."""
+        return phase_rows(self.dgrad_phases(axis)[0], self.stride_h if axis == "h"
+                          else self.stride_w, self.dil_h if axis == "h" else self.dil_w)
+
     def im2col_elements(self) -> int:
         """Elements of the explicit column matrix (C*R*S) x (N*P*Q) of the im2col algorithm."""
         return self.C * self.R * self.S * self.N * self.P * self.Q
@@ -295,10 +311,50 @@ class PoolProblem:
                    - self.W - self.pad_w)
 
 
+# ---------------------------------------------------------------------------------------------
+# dgrad's stride phases (part of the problem's description: every engine's dgrad uses them)
+# ---------------------------------------------------------------------------------------------
+def phase_taps(size, pad, k, dil, stride, out_size):
+    """Split one axis of dgrad into stride phases.
+
+    Input index h = ph + stride*i (i = 0..n_i-1) receives dy[p] * w[r] exactly when
+    h + pad = p*stride + r*dil, i.e. p = off_r + i with off_r = (ph + pad - r*dil) / stride an
+    integer. Only those taps are listed, so the stride zeros of the dilated dy are never touched.
+    Taps are ordered by rising offset = falling r: the mirrored (180-degree rotated) kernel.
+    Returns [(ph, n_i, [(r, off_r), ...])] and the (lo, hi) zero padding dy needs.
+    """
+    phases, lo, hi = [], 0, 0
+    for ph in range(stride):
+        n_i = -(-(size - ph) // stride) if ph < size else 0
+        taps = [(r, (ph + pad - r * dil) // stride) for r in reversed(range(k))
+                if (ph + pad - r * dil) % stride == 0]
+        if n_i and taps:
+            lo = max(lo, -min(off for _, off in taps))
+            hi = max(hi, max(off for _, off in taps) + n_i - out_size)
+        phases.append((ph, n_i, taps))
+    return phases, lo, hi
+
+
+def phase_rows(phases, stride, dil):
+    """The phases of :func:`phase_taps` as arithmetic progressions, as kernel tables want them.
+
+    The taps of one phase are r = r0 + j*step (j < taps) with p = i + p0 - j*p_step, where
+    step = stride / gcd(stride, dil) and p_step = dil / gcd. Returns (rows, step, p_step),
+    rows = [(r0, taps, p0, n_i)] per phase ((0, 0, 0, n_i) for a phase no tap reaches).
+    """
+    g = math.gcd(stride, dil)
+    rows = []
+    for _, n, taps in phases:
+        # taps come by falling r: the last one is the smallest, r0
+        rows.append((taps[-1][0], len(taps), taps[-1][1], n) if taps else (0, 0, 0, n))
+    return rows, stride // g, dil // g
+
+
 def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
     """Output length of one axis, for users and layers (delegates to ConvProblem)."""
     p = ConvProblem(1, 1, size, 1, 1, kernel, 1, padding, 0, stride, 1, dilation, 1)
     return p.P
 
 
-__all__ = ["ConvProblem", "PoolProblem", "conv_output_size", "OPS"]
+__all__ = ["ConvProblem", "PoolProblem", "conv_output_size", "phase_taps", "phase_rows",
+           "OPS"]

@@ -5,7 +5,7 @@
 //   act_dgrad<T>(x, y, dy, dx, n, kind, alpha)  dx (n,) from the forward input x, output y and
 //                                               the upstream dy (relu/leaky read x; sigmoid/tanh
 //                                               read y; elu reads both)
-//       kind (the host's ACT_KINDS in gpuconv/cuda.py):
+//       kind (the host's ACT_KINDS in gpuconv/engines/cuda_im2col.py):
 //         0 relu        y = x > 0 ? x : 0 (NaN stays NaN)          dx = x > 0 ? dy : 0
 //         1 leaky_relu  y = x > 0 ? x : alpha*x                    dx = x > 0 ? dy : alpha*dy
 //         2 sigmoid     y = 1/(1+e) or e/(1+e), e = exp(-|x|)      dx = dy*y*(1-y)
@@ -19,6 +19,9 @@
 //   maxout_dgrad<T>(dy, idx, dx, outer, M, pieces, inner)
 //       dy, idx (outer, M, inner) -> dx (outer, M*pieces, inner): dy at the winner, 0 elsewhere
 //       (a gather: every dx element written once, no zero-fill pass, no atomics).
+//   convert<TI, TO>(x, y, n)                    y (n,) of TO = x (n,) of TI, rounded once: the
+//       engine's bfloat16 <-> float32 casts (its bf16 GEMMs run in fp32), so that no CuPy kernel
+//       on bfloat16 data is needed.
 //
 // Variants
 //   one each: one thread per element (per output for maxout_fprop). The kind is a runtime
@@ -116,4 +119,10 @@ __global__ void maxout_dgrad(const T* __restrict__ dy, const long long* __restri
         const long long src = om * inner + i;
         dx[e] = idx[src] == j ? dy[src] : zero<T>();
     }
+}
+
+// One thread per element: y = x converted through the accumulation type (rounded once).
+template <typename TI, typename TO>
+__global__ void convert(const TI* __restrict__ x, TO* __restrict__ y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = from_acc<TO>(to_acc(x[i])); }
 }

@@ -12,9 +12,10 @@
 // written by exactly one thread (a gather): deterministic, no atomics.
 //
 // Contract (G = groups, Cg = C/G, Kg = K/G; all arrays C-contiguous; sizes from ConvProblem)
-//   dgrad_col<T>(dy, col, geom, ph, pw, I, J, TH, TW)
-//       dy  (N, K, P, Q)
-//       col (K*TH*TW, N*I*J) == (G, Kg*TH*TW, N*I*J), row k*TH*TW + a*TW + b where a (b) counts
+//   dgrad_col<T, TC>(dy, col, geom, ph, pw, I, J, TH, TW)
+//       dy  (N, K, P, Q) of T
+//       col (K*TH*TW, N*I*J) of TC (T, or float for bfloat16: its GEMM runs in fp32)
+//           == (G, Kg*TH*TW, N*I*J), row k*TH*TW + a*TW + b where a (b) counts
 //           the taps of this phase in mirrored order (r = R-1 down to 0, s likewise) -- the order
 //           the host uses for the weight (G, Cg, Kg*TH*TW); column (n*I + i)*J + j stands for
 //           input pixel (n, ph + stride_h*i, pw + stride_w*j).
@@ -30,8 +31,8 @@
 
 // One thread per (k, n, i, j) of stride phase (ph, pw): writes the TH*TW column entries of
 // output channel k for input pixel (n, ph + stride_h*i, pw + stride_w*j), one per tap.
-template <typename T>
-__global__ void dgrad_col(const T* __restrict__ dy, T* __restrict__ col, const ConvGeom g,
+template <typename T, typename TC>
+__global__ void dgrad_col(const T* __restrict__ dy, TC* __restrict__ col, const ConvGeom g,
                           long long ph, long long pw, long long I, long long J, long long TH,
                           long long TW) {
     const long long NIJ = g.N * I * J;
@@ -46,7 +47,7 @@ __global__ void dgrad_col(const T* __restrict__ dy, T* __restrict__ col, const C
         const long long h = ph + g.stride_h * i;
         const long long w = pw + g.stride_w * j;
         const T* dyk = dy + (n * g.K + k) * g.P * g.Q;
-        T* out = col + k * TH * TW * NIJ + (n * I + i) * J + j;
+        TC* out = col + k * TH * TW * NIJ + (n * I + i) * J + j;
         long long a = 0;
         for (long long rr = 0; rr < g.R; ++rr) {
             const long long r = g.R - 1 - rr;  // mirrored kernel
@@ -62,8 +63,9 @@ __global__ void dgrad_col(const T* __restrict__ dy, T* __restrict__ col, const C
                 if (tw % g.stride_w != 0) continue;
                 const long long q = tw / g.stride_w;
                 // Out-of-range p or q is the zero padding of dyd: an exact 0, no load.
-                out[(a * TW + b) * NIJ] = (p_in && q >= 0 && q < g.Q) ? dyk[p * g.Q + q]
-                                                                      : zero<T>();
+                out[(a * TW + b) * NIJ] = from_acc<TC>(
+                    (p_in && q >= 0 && q < g.Q) ? to_acc(dyk[p * g.Q + q])
+                                                : typename Acc<T>::type(0));
                 ++b;
             }
             ++a;

@@ -7,10 +7,12 @@
 //                                            column n*P*Q + p*Q + q; padding reads as 0.
 //       fprop: y_gemm (G, Kg, N*P*Q) = w (G, Kg, Cg*R*S) @ col         (one batched cuBLAS GEMM)
 //       wgrad: dw     (G, Kg, Cg*R*S) = dy (G, Kg, N*P*Q) @ col^T      (one batched cuBLAS GEMM)
-//       TC = float with T = __half is the wgrad variant: the column matrix is stored in fp32 so
-//       the reduction over N*P*Q runs as an fp32 GEMM (no fp16 rounding of partial sums).
-//   gemm_to_nchw<T>(src, bias, has_bias, dst, N, Kc, I, J, Hd, Wd, h0, w0, sh, sw)
-//       src (Kc, N, I, J) -> dst[n, k, h0 + sh*i, w0 + sw*j] of dst (N, Kc, Hd, Wd), + bias[k].
+//       TC = float with a 16-bit T: the column matrix is stored in fp32 so the GEMM runs in fp32
+//       (float16 wgrad: no fp16 rounding of partial sums over N*P*Q; bfloat16: every GEMM, as
+//       cuBLAS through CuPy is not relied on for bf16).
+//   gemm_to_nchw<T, TS>(src, bias, has_bias, dst, N, Kc, I, J, Hd, Wd, h0, w0, sh, sw)
+//       src (Kc, N, I, J) of TS -> dst[n, k, h0 + sh*i, w0 + sw*j] of dst (N, Kc, Hd, Wd) of T,
+//       + bias[k] (of T); TS = T, or float for bfloat16's fp32 GEMM result.
 //       fprop: (G, Kg, N, P*Q) -> (N, K, P, Q) with the bias fused (h0 = w0 = 0, sh = sw = 1).
 //       dgrad: one stride phase (C, N, I, J) -> dx[:, :, h0::sh, w0::sw] (no bias).
 //
@@ -58,8 +60,8 @@ __global__ void im2col(const T* __restrict__ x, TC* __restrict__ col, const Conv
 
 // One thread per element (n, k, i, j) of dst's sub-grid: dst[n, k, h0 + sh*i, w0 + sw*j] =
 // src[k, n, i, j] (+ bias[k], added in the accumulation type and rounded once).
-template <typename T>
-__global__ void gemm_to_nchw(const T* __restrict__ src, const T* __restrict__ bias, int has_bias,
+template <typename T, typename TS>
+__global__ void gemm_to_nchw(const TS* __restrict__ src, const T* __restrict__ bias, int has_bias,
                              T* __restrict__ dst, long long N, long long Kc, long long I,
                              long long J, long long Hd, long long Wd, long long h0, long long w0,
                              long long sh, long long sw) {

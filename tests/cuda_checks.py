@@ -7,21 +7,75 @@
 An `Engine` bundles the engine functions with `dev` (NumPy array -> engine array) and `host`
 (back). References are the NumPy engine in float64 on the inputs already rounded to the tested
 dtype, so the tolerance measures only the engine's own arithmetic: float64 ~1e-12, float32 ~1e-5
-(fp32 accumulation), float16 ~2^-11 per rounding (fp32 accumulation, fp16 results) -- never so
-loose that a wrong index (an O(1) error on data in [-1, 1]) could pass.
+(fp32 accumulation), float16 ~2^-11 and bfloat16 ~2^-8 per rounding (fp32 accumulation, 16-bit
+results) -- never so loose that a wrong index (an O(1) error on data in [-1, 1]) could pass.
+
+bfloat16 is ml_dtypes.bfloat16 (CuPy 14's bf16 dtype); without ml_dtypes, BF16 is None and the
+bf16 cases skip with that reason.
 """
 from __future__ import annotations
 
+import contextlib
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 
 from gpuconv import ConvProblem, PoolProblem
 from gpuconv.engines import numpy_engine as ref
 
-TOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 3e-5, np.dtype(np.float16): 4e-3}
-DTYPES = (np.float64, np.float32, np.float16)
+try:
+    import ml_dtypes
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes comes with gpuconv[cuda12/13]
+    BF16 = None
+
+TOL = {"float64": 1e-11, "float32": 3e-5, "float16": 4e-3, "bfloat16": 1.6e-2}
+#: dtypes by name ("bfloat16" needs ml_dtypes: use dtype(name), which skips without it)
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def dtype(name):
+    """np.dtype of a DTYPES name; skips the test when bfloat16 is asked for without ml_dtypes."""
+    if name == "bfloat16":
+        if BF16 is None:
+            pytest.skip("bfloat16 needs ml_dtypes (pip install ml_dtypes)")
+        return BF16
+    return np.dtype(name)
+
+
+def seed_of(*parts) -> int:
+    """A seed that is the same in every process (hash() of a str is salted per process)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def tol(dt):
+    return TOL[np.dtype(dt).name]
+
+
+@contextlib.contextmanager
+def nan_filled_memory(cp):
+    """Every CuPy allocation inside the block comes filled with 0xFF bytes (NaN in every float
+    dtype), from a pool of its own; the previous allocator is restored afterwards. An output
+    element a kernel forgets to write then reads as NaN, whatever the pool held before."""
+    old = cp.cuda.get_allocator()
+    pool = cp.cuda.MemoryPool()
+
+    def alloc(nbytes):
+        mem = pool.malloc(nbytes)
+        if nbytes:
+            mem.memset_async(0xFF, nbytes)
+        return mem
+
+    cp.cuda.set_allocator(alloc)
+    try:
+        yield
+    finally:
+        cp.cuda.Device().synchronize()
+        cp.cuda.set_allocator(old)
+        pool.free_all_blocks()
 
 
 @dataclass
@@ -37,6 +91,10 @@ def _rand(rng, shape, dtype):
     return a, a.astype(np.float64)
 
 
+def f64(a):
+    return np.asarray(a).astype(np.float64)
+
+
 def _noncontig(e: Engine, a):
     """The same values as a non-contiguous engine array (a transposed view)."""
     axes = tuple(range(a.ndim - 2)) + (a.ndim - 1, a.ndim - 2)
@@ -44,12 +102,12 @@ def _noncontig(e: Engine, a):
 
 
 def assert_close(out, expected, dtype, what):
-    out = np.asarray(out, dtype=np.float64)
+    out = f64(out)
     assert out.shape == expected.shape, f"{what}: shape {out.shape} != {expected.shape}"
     scale = max(float(np.max(np.abs(expected))), 1e-30)
     err = float(np.max(np.abs(out - expected))) if out.size else 0.0
-    assert err <= TOL[np.dtype(dtype)] * scale, \
-        f"{what} ({np.dtype(dtype)}): max error {err:.3g} > {TOL[np.dtype(dtype)]:.1g} * {scale:.3g}"
+    assert err <= tol(dtype) * scale, \
+        f"{what} ({np.dtype(dtype)}): max error {err:.3g} > {tol(dtype):.1g} * {scale:.3g}"
 
 
 def check_conv(e: Engine, x_shape, w_shape, kwargs, dtype, noncontig=False, seed=0):
@@ -71,7 +129,7 @@ def check_conv(e: Engine, x_shape, w_shape, kwargs, dtype, noncontig=False, seed
     assert dx.dtype == np.dtype(dtype)
     assert_close(dx, dx_ref, dtype, f"dgrad {p}")
     # rows/columns no window reached are exact zeros, not merely small
-    assert np.all(dx[dx_ref == 0] == 0), f"dgrad {p}: unreached pixels are not exactly 0"
+    assert np.all(f64(dx)[dx_ref == 0] == 0), f"dgrad {p}: unreached pixels are not exactly 0"
 
     dw = e.host(e.eng.conv_wgrad(p, put(x), put(dy)))
     assert dw.dtype == np.dtype(dtype)
@@ -106,7 +164,7 @@ def check_pool(e: Engine, x_shape, kwargs, dtype, seed=0):
     y_ref, idx_ref = ref.pool_fprop(pp, x.astype(np.float64))
     assert idx.dtype == np.int64
     np.testing.assert_array_equal(idx, idx_ref, err_msg=f"argmax {pp}")
-    np.testing.assert_array_equal(y.astype(np.float64), y_ref, err_msg=f"max {pp}")
+    np.testing.assert_array_equal(f64(y), y_ref, err_msg=f"max {pp}")
 
     rng = np.random.default_rng(seed + 1)
     dy, dy64 = _rand(rng, pp.y_shape, dtype)
@@ -130,9 +188,10 @@ def check_act(e: Engine, kind, alpha, dtype, seed=0):
     y = e.host(e.eng.act_fprop(kind, e.dev(x), alpha))
     y_ref = ref.act_fprop(kind, x64, alpha)
     assert y.dtype == np.dtype(dtype)
-    np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref), err_msg=f"{kind}: NaN pattern")
-    np.testing.assert_allclose(y.astype(np.float64), y_ref, rtol=TOL[np.dtype(dtype)],
-                               atol=TOL[np.dtype(dtype)], err_msg=f"{kind} forward")
+    np.testing.assert_array_equal(np.isnan(f64(y)), np.isnan(y_ref),
+                                  err_msg=f"{kind}: NaN pattern")
+    np.testing.assert_allclose(f64(y), y_ref, rtol=tol(dtype), atol=tol(dtype),
+                               err_msg=f"{kind} forward")
     rng = np.random.default_rng(seed + 1)
     dy, dy64 = _rand(rng, x.shape, dtype)
     yd = y_ref.astype(dtype)  # the backward's y is the (rounded) forward output
@@ -142,9 +201,10 @@ def check_act(e: Engine, kind, alpha, dtype, seed=0):
                                 alpha))
     dx_ref = ref.act_dgrad(kind, xin.astype(np.float64),
                            yd.astype(np.float64) if needs_y else None, dy64, alpha)
-    np.testing.assert_array_equal(np.isnan(dx), np.isnan(dx_ref), err_msg=f"{kind}: dgrad NaN")
-    np.testing.assert_allclose(dx.astype(np.float64), dx_ref, rtol=TOL[np.dtype(dtype)],
-                               atol=TOL[np.dtype(dtype)], err_msg=f"{kind} backward")
+    np.testing.assert_array_equal(np.isnan(f64(dx)), np.isnan(dx_ref),
+                                  err_msg=f"{kind}: dgrad NaN")
+    np.testing.assert_allclose(f64(dx), dx_ref, rtol=tol(dtype), atol=tol(dtype),
+                               err_msg=f"{kind} backward")
 
 
 MAXOUT_CASES = [((2, 6, 3, 4), 3, 1), ((3, 5, 4), 2, 2), ((4, 3), 2, 0), ((2, 8, 2, 2), 4, 1)]
@@ -159,7 +219,8 @@ def check_maxout(e: Engine, shape, pieces, axis, dtype, seed=0):
     y, idx = e.host(y), e.host(idx)
     y_ref, idx_ref = ref.maxout_fprop(x.astype(np.float64), pieces, axis)
     np.testing.assert_array_equal(idx, idx_ref)
-    np.testing.assert_array_equal(y.astype(np.float64), y_ref)
-    dy, _ = _rand(rng, y_ref.shape, dtype)
+    np.testing.assert_array_equal(f64(y), y_ref)
+    dy, dy64 = _rand(rng, y_ref.shape, dtype)
     dx = e.host(e.eng.maxout_dgrad(e.dev(dy), e.dev(idx_ref), pieces, axis, shape))
-    np.testing.assert_array_equal(dx, ref.maxout_dgrad(dy, idx_ref, pieces, axis, shape))
+    assert dx.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(f64(dx), ref.maxout_dgrad(dy64, idx_ref, pieces, axis, shape))

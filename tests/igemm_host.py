@@ -54,7 +54,7 @@ import numpy as np
 from gpuconv.cuda import kernel_source
 from gpuconv.engines import cuda_igemm as ig
 
-from .kernel_host import CXX, SHIM as BASE_SHIM
+from .kernel_host import CXX, SHIM as BASE_SHIM, emulate_ptx
 
 # hidden visibility: each library keeps its own shim state (blockIdx, the fibers, ...) instead of
 # sharing one process-wide copy through GNU unique symbols
@@ -71,14 +71,11 @@ SHIM = BASE_SHIM + r"""
 #include <utility>
 #include <vector>
 #define __shared__ static
-#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define GC_EXPORT __attribute__((visibility("default")))
 struct __attribute__((aligned(16))) uint4 { unsigned int x, y, z, w; };
 using std::min;
 using std::max;
-inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 
 namespace gc {
 enum { RUN, WAIT, DONE };
@@ -191,21 +188,7 @@ template <class T> inline T __ldg(const T* p) {
     return *p;
 }
 
-// ---- the inline PTX of igemm_common.cuh, emulated (asm statements are rewritten into calls) ----
-inline void gc_ptx_cvt_f32_f16(float& f, unsigned short h) { _Float16 x; memcpy(&x, &h, 2); f = x; }
-inline void gc_ptx_cvt_rn_f16_f32(unsigned short& h, float f) {
-    _Float16 x = (_Float16)f;   // round to nearest even
-    memcpy(&h, &x, 2);
-}
-inline void gc_ptx_cvt_rn_bf16_f32(unsigned short& h, float f) {
-    const unsigned u = __float_as_uint(f);
-    h = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fff   // NaN stays NaN
-                                        : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-inline void gc_ptx_cvt_rna_tf32_f32(unsigned& u, float f) {   // nearest, ties away from zero
-    const unsigned b = __float_as_uint(f);
-    u = (b & 0x7f800000u) == 0x7f800000u ? b : (b + 0x1000u) & 0xffffe000u;
-}
+// ---- mma.sync of igemm_common.cuh, emulated (the cvt ones are kernel_host.SHIM's) ----
 namespace gc {
 // mma.sync is warp-collective: every lane deposits its fragments, a barrier, every lane builds
 // its warp's A and B from the PTX ISA's fragment tables and computes its own D. Deposits
@@ -286,19 +269,6 @@ extern "C" GC_EXPORT long gc_take_errors(char* buf, int size) {
 extern "C" GC_EXPORT long gc_barriers() { return gc::barriers; }
 extern "C" GC_EXPORT void gc_add_shared(void* p, size_t n) { gc::shared_vars.emplace_back(p, n); }
 """
-
-_ASM = re.compile(r'\basm\s*(?:volatile\s*)?\(\s*"([^"]*)"(?:\s*"[^"]*")*\s*:(.*?)\)\s*;', re.S)
-_OPERAND = re.compile(r'"[=+&]*\w"\s*\(([^()]*)\)')
-
-
-def emulate_ptx(text):
-    """Every inline-PTX statement `asm("op.x.y ..." : outs : ins);` becomes the call
-    `gc_ptx_op_x_y(outs..., ins...);` of the shim's emulation (an unknown one fails to compile)."""
-    def call(m):
-        op = m.group(1).split()[0].replace(".", "_")
-        return f"gc_ptx_{op}({', '.join(_OPERAND.findall(m.group(2)))});"
-    return _ASM.sub(call, text)
-
 
 def _source(text, names):
     lines = [SHIM, text, "// ---- entry points ----"]
@@ -393,7 +363,7 @@ class HostKernel:
     grid_cap = None  # set: grid-stride kernels (1-D grids) get at most this many blocks
 
     def __init__(self, name, lib=None):
-        lib = lib or _libs[ig._FILE_OF[name]]
+        lib = lib or _libs[next(f for f, ns in ig.IGEMM_KERNELS if name in ns)]
         self.name, self.lib = name, lib
         i = lib.index[name]
         self.fn = getattr(lib.dll, f"gck_{i}")

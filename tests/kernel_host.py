@@ -2,8 +2,10 @@
 
 Why: no GPU here or in CI, yet the kernels' index arithmetic (strides, padding, dilation, groups,
 stride phases, tie rules, 64-bit offsets) is where bugs hide. The shim turns `__global__` and
-`__device__` into plain C++, makes blockIdx/threadIdx/blockDim/gridDim host variables and __half
-a _Float16 bit pattern; a launch runs every (block, thread) of a small grid one after another.
+`__device__` into plain C++ and makes blockIdx/threadIdx/blockDim/gridDim host variables; every
+inline-PTX statement (the cvt conversions of the 16-bit types) becomes a call of a bit-exact
+emulation (:func:`emulate_ptx`); a launch runs every (block, thread) of a small grid one after
+another.
 That is faithful for these kernels because none of them communicates between threads (each
 output element is written by exactly one thread and inputs are read-only). A small grid (3
 blocks of 5 threads) makes every kernel's grid-stride loop go round many times.
@@ -23,6 +25,7 @@ import subprocess
 import numpy as np
 
 from gpuconv.cuda import KERNELS, kernel_source
+from gpuconv.kernel_loader import CTYPES
 
 CXX = shutil.which("g++")
 GRID, BLOCK = 3, 5
@@ -35,13 +38,29 @@ SHIM = r"""
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
 struct gc_dim3 { unsigned int x, y, z; };
 inline gc_dim3 blockIdx, threadIdx, blockDim, gridDim;
-struct __half { unsigned short x; };
-inline float __half2float(__half h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
-inline __half __float2half_rn(float v) { _Float16 f = (_Float16)v; __half h; memcpy(&h, &f, 2); return h; }
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; memcpy(&d, &i, 8); return d; }
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+// the inline PTX conversions of kernels/common.cuh and igemm_common.cuh, bit-exactly (asm
+// statements are rewritten into these calls by emulate_ptx)
+inline void gc_ptx_cvt_f32_f16(float& f, unsigned short h) { _Float16 x; memcpy(&x, &h, 2); f = x; }
+inline void gc_ptx_cvt_rn_f16_f32(unsigned short& h, float f) {
+    _Float16 x = (_Float16)f;   // round to nearest even
+    memcpy(&h, &x, 2);
+}
+inline void gc_ptx_cvt_rn_bf16_f32(unsigned short& h, float f) {
+    const unsigned u = __float_as_uint(f);
+    h = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fff   // NaN stays NaN
+                                        : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline void gc_ptx_cvt_rna_tf32_f32(unsigned& u, float f) {   // nearest, ties away from zero
+    const unsigned b = __float_as_uint(f);
+    u = (b & 0x7f800000u) == 0x7f800000u ? b : (b + 0x1000u) & 0xffffe000u;
+}
 template <typename F> void gc_run(F f, unsigned grid, unsigned block) {
     gridDim.x = grid; blockDim.x = block;
     for (unsigned b = 0; b < grid; ++b)
@@ -50,31 +69,42 @@ template <typename F> void gc_run(F f, unsigned grid, unsigned block) {
 #define GC_T(code, ...) switch (code) { \
     case 'f': { typedef float T; __VA_ARGS__; } break; \
     case 'd': { typedef double T; __VA_ARGS__; } break; \
-    default:  { typedef __half T; __VA_ARGS__; } break; }
+    case 'b': { typedef gc_bf16 T; __VA_ARGS__; } break; \
+    default:  { typedef gc_half T; __VA_ARGS__; } break; }
 typedef long long ll;
 typedef const void* cv;
 typedef void* mv;
+"""
+
+# after the kernels (their types are common.cuh's): T and its GEMM type (float for bfloat16, T
+# otherwise), the second type of the <T, TG> kernels
+PRELUDE = r"""
+template <typename T> struct gc_gemm { typedef T type; };
+template <> struct gc_gemm<gc_bf16> { typedef float type; };
 """
 
 # extern "C" entry points, one per kernel template; argument order as the engine launches them.
 WRAPPERS = {
     "conv_im2col.cu": r"""
 extern "C" void h_im2col(char t, char tc, cv x, mv col, const ConvGeom* g, unsigned G, unsigned B) {
-    if (t == 'f') gc_run([&] { im2col<float, float>((const float*)x, (float*)col, *g); }, G, B);
-    else if (t == 'd') gc_run([&] { im2col<double, double>((const double*)x, (double*)col, *g); }, G, B);
-    else if (tc == 'f') gc_run([&] { im2col<__half, float>((const __half*)x, (float*)col, *g); }, G, B);
-    else gc_run([&] { im2col<__half, __half>((const __half*)x, (__half*)col, *g); }, G, B);
+    if (t == 'h' && tc == 'f') gc_run([&] { im2col<gc_half, float>((const gc_half*)x, (float*)col, *g); }, G, B);
+    else GC_T(t, gc_run([&] { typedef typename gc_gemm<T>::type TC;
+                              im2col<T, TC>((const T*)x, (TC*)col, *g); }, G, B))
 }
-extern "C" void h_gemm_to_nchw(char t, cv src, cv bias, int has_bias, mv dst, ll N, ll Kc, ll I,
-                               ll J, ll Hd, ll Wd, ll h0, ll w0, ll sh, ll sw, unsigned G, unsigned B) {
-    GC_T(t, gc_run([&] { gemm_to_nchw<T>((const T*)src, (const T*)bias, has_bias, (T*)dst, N, Kc, I, J,
-                                         Hd, Wd, h0, w0, sh, sw); }, G, B))
+extern "C" void h_gemm_to_nchw(char t, char ts, cv src, cv bias, int has_bias, mv dst, ll N, ll Kc,
+                               ll I, ll J, ll Hd, ll Wd, ll h0, ll w0, ll sh, ll sw, unsigned G,
+                               unsigned B) {
+    GC_T(t, gc_run([&] { typedef typename gc_gemm<T>::type TS;
+                         gemm_to_nchw<T, TS>((const TS*)src, (const T*)bias, has_bias, (T*)dst, N,
+                                             Kc, I, J, Hd, Wd, h0, w0, sh, sw); }, G, B))
 }
 """,
     "conv_dgrad.cu": r"""
-extern "C" void h_dgrad_col(char t, cv dy, mv col, const ConvGeom* g, ll ph, ll pw, ll I, ll J,
-                            ll TH, ll TW, unsigned G, unsigned B) {
-    GC_T(t, gc_run([&] { dgrad_col<T>((const T*)dy, (T*)col, *g, ph, pw, I, J, TH, TW); }, G, B))
+extern "C" void h_dgrad_col(char t, char tc, cv dy, mv col, const ConvGeom* g, ll ph, ll pw,
+                            ll I, ll J, ll TH, ll TW, unsigned G, unsigned B) {
+    GC_T(t, gc_run([&] { typedef typename gc_gemm<T>::type TC;
+                         dgrad_col<T, TC>((const T*)dy, (TC*)col, *g, ph, pw, I, J, TH, TW); },
+                   G, B))
 }
 """,
     "pool.cu": r"""
@@ -101,11 +131,28 @@ extern "C" void h_maxout_fprop(char t, cv x, mv y, mv idx, ll o, ll m, ll p, ll 
 extern "C" void h_maxout_dgrad(char t, cv dy, cv idx, mv dx, ll o, ll m, ll p, ll i, unsigned G, unsigned B) {
     GC_T(t, gc_run([&] { maxout_dgrad<T>((const T*)dy, (const ll*)idx, (T*)dx, o, m, p, i); }, G, B))
 }
+extern "C" void h_convert(char ti, char to, cv x, mv y, ll n, unsigned G, unsigned B) {
+    if (ti == 'b') gc_run([&] { convert<gc_bf16, float>((const gc_bf16*)x, (float*)y, n); }, G, B);
+    else gc_run([&] { convert<float, gc_bf16>((const float*)x, (gc_bf16*)y, n); }, G, B);
+}
 """,
 }
 
-_CODES = {"float": b"f", "double": b"d", "__half": b"h"}
+_CODES = {CTYPES["float32"]: b"f", CTYPES["float64"]: b"d", CTYPES["float16"]: b"h",
+          CTYPES["bfloat16"]: b"b"}
 _libs: dict = {}
+
+_ASM = re.compile(r'\basm\s*(?:volatile\s*)?\(\s*"([^"]*)"(?:\s*"[^"]*")*\s*:(.*?)\)\s*;', re.S)
+_OPERAND = re.compile(r'"[=+&]*\w"\s*\(([^()]*)\)')
+
+
+def emulate_ptx(text):
+    """Every inline-PTX statement `asm("op.x.y ..." : outs : ins);` becomes the call
+    `gc_ptx_op_x_y(outs..., ins...);` of the shim's emulation (an unknown one fails to compile)."""
+    def call(m):
+        op = m.group(1).split()[0].replace(".", "_")
+        return f"gc_ptx_{op}({', '.join(_OPERAND.findall(m.group(2)))});"
+    return _ASM.sub(call, text)
 
 
 def build(workdir):
@@ -113,10 +160,10 @@ def build(workdir):
     for file, _ in KERNELS:
         if file in _libs:
             continue
-        src = kernel_source(file).replace("#include <cuda_fp16.h>", "")
+        src = emulate_ptx(kernel_source(file))
         path = os.path.join(workdir, file.replace(".cu", ".cpp"))
         with open(path, "w") as f:
-            f.write(SHIM + src + WRAPPERS[file])
+            f.write(SHIM + src + PRELUDE + WRAPPERS[file])
         so = path[:-4] + ".so"
         res = subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-o", so, path],
                              capture_output=True, text=True)

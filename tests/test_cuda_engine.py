@@ -8,6 +8,7 @@ import pytest
 
 import gpuconv
 from gpuconv import cuda as gcuda
+from gpuconv import kernel_loader as kl
 
 from . import cuda_checks as cc
 from .problems import IDS, PROBLEMS
@@ -22,29 +23,44 @@ def gpu(cp):
 
 
 @pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
-@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", cc.DTYPES)
 def test_conv(gpu, case, dtype):
     _, x_shape, w_shape, kwargs = case
-    cc.check_conv(gpu, x_shape, w_shape, kwargs, dtype)
+    cc.check_conv(gpu, x_shape, w_shape, kwargs, cc.dtype(dtype),
+                  seed=cc.seed_of("conv", case[0], dtype))
 
 
 @pytest.mark.parametrize("case", PROBLEMS[:6], ids=IDS[:6])
-@pytest.mark.parametrize("dtype", (np.float32, np.float16), ids=("float32", "float16"))
+@pytest.mark.parametrize("dtype", ("float32", "float16", "bfloat16"))
 def test_conv_noncontiguous(gpu, case, dtype):
     _, x_shape, w_shape, kwargs = case
-    cc.check_conv(gpu, x_shape, w_shape, kwargs, dtype, noncontig=True)
+    cc.check_conv(gpu, x_shape, w_shape, kwargs, cc.dtype(dtype), noncontig=True)
 
 
-@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", cc.DTYPES)
 def test_conv_chunked(gpu, dtype, monkeypatch):
     """A 1-byte workspace limit: one image per chunk, the same results."""
-    from gpuconv.engines import cuda_engine
+    from gpuconv.engines import cuda_im2col
     names = []
-    real = cuda_engine.launch
-    monkeypatch.setattr(cuda_engine, "launch", lambda n, t, a: (names.append(n), real(n, t, a)))
+    real = cuda_im2col.launch
+    monkeypatch.setattr(cuda_im2col, "launch", lambda n, t, a: (names.append(n), real(n, t, a)))
     with gpuconv.workspace_limit(1):
-        cc.check_conv(gpu, (5, 4, 9, 8), (6, 2, 3, 3), dict(stride=2, padding=1, groups=2), dtype)
+        cc.check_conv(gpu, (5, 4, 9, 8), (6, 2, 3, 3), dict(stride=2, padding=1, groups=2),
+                      cc.dtype(dtype))
     assert sum(n.startswith("im2col") for n in names) == 2 * 5
+
+
+@pytest.mark.parametrize("dtype", cc.DTYPES)
+def test_first_generation_outputs_fully_written(gpu, dtype, cp):
+    """Every allocation NaN-filled (cuda_checks.nan_filled_memory): an element that the engine's
+    kernels leave unwritten fails the comparison, in every op of the first generation."""
+    dt = cc.dtype(dtype)
+    with cc.nan_filled_memory(cp):
+        cc.check_conv(gpu, (3, 4, 11, 9), (6, 2, 3, 3), dict(stride=2, padding=1, groups=2), dt)
+        cc.check_conv(gpu, (2, 3, 9, 8), (4, 3, 2, 2), dict(stride=3), dt)  # unreached pixels
+        cc.check_pool(gpu, (2, 2, 9, 8), dict(kernel_size=3, stride=2, padding=1), dt)
+        cc.check_act(gpu, "elu", 1.3, dt)
+        cc.check_maxout(gpu, (2, 6, 3, 4), 3, 1, dt)
 
 
 def test_conv_large_batch_chunks_by_default_limit(cp):
@@ -79,22 +95,32 @@ def test_fp16_gemm_accumulates_in_fp32(cp):
     assert float(dx[0, 0, 1, 1]) == 4608.0
 
 
+def test_bf16_gemms_accumulate_in_fp32(cp):
+    """1 + 256 * 2^-8 = 2 in fp32; a bf16 running sum stays at 1 (1 + 2^-8 rounds to 1)."""
+    bf16 = cc.dtype("bfloat16")
+    x = np.ones((1, 1, 1, 257), bf16)
+    w = np.full((1, 1, 1, 257), 2.0 ** -8, bf16)
+    w[..., 0] = 1
+    y = gpuconv.conv2d(cp.asarray(x), cp.asarray(w))
+    assert y.dtype == bf16 and float(cp.asnumpy(y).astype(np.float64).ravel()[0]) == 2.0
+
+
 @pytest.mark.parametrize("case", cc.POOL_CASES, ids=[str(c[1]) for c in cc.POOL_CASES])
-@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", cc.DTYPES)
 def test_pool(gpu, case, dtype):
-    cc.check_pool(gpu, case[0], case[1], dtype)
+    cc.check_pool(gpu, case[0], case[1], cc.dtype(dtype))
 
 
 @pytest.mark.parametrize("kind,alpha", cc.ACTS, ids=[a[0] for a in cc.ACTS])
-@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", cc.DTYPES)
 def test_activation(gpu, kind, alpha, dtype):
-    cc.check_act(gpu, kind, alpha, dtype)
+    cc.check_act(gpu, kind, alpha, cc.dtype(dtype))
 
 
 @pytest.mark.parametrize("shape,pieces,axis", cc.MAXOUT_CASES)
-@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", cc.DTYPES)
 def test_maxout(gpu, shape, pieces, axis, dtype):
-    cc.check_maxout(gpu, shape, pieces, axis, dtype)
+    cc.check_maxout(gpu, shape, pieces, axis, cc.dtype(dtype))
 
 
 # ---- the public API on CuPy arrays ------------------------------------------------------------
@@ -141,25 +167,36 @@ def test_result_stays_on_the_input_device(cp):
 
 
 def test_precompile_compiles_every_kernel(cp):
+    """Both generations: the whole catalogue, every name resolving to a kernel handle."""
     names = gpuconv.precompile()
-    assert names == [n for _, ns in gcuda.KERNELS for n in ns]
+    assert names == [n for _, ns, _ in gcuda.catalogue() for n in ns]
+    assert len(names) > sum(len(ns) for _, ns in gcuda.KERNELS)  # the second generation too
+    assert all(gcuda.get_kernel(n) is not None for n in names)
     assert gpuconv.cuda_available()
 
 
 def test_compile_error_names_file_and_log(cp, monkeypatch):
-    monkeypatch.setattr(gcuda, "KERNELS", gcuda.KERNELS + (("broken.cu", ("k<float>",)),))
-    monkeypatch.setattr(gcuda, "kernel_source",
+    monkeypatch.setitem(kl._catalogue, "broken.cu", (("k<float>",), ()))
+    monkeypatch.setattr(kl, "kernel_source",
                         lambda f, read=None: "template <typename T> __global__ void k(T* p) "
                                              "{ p[0] = undeclared_name; }")
     with pytest.raises(gcuda.KernelCompileError, match=r"(?s)kernels/broken\.cu.*undeclared_name"):
-        gcuda._module(cp, "broken.cu")
+        kl._module(cp, "broken.cu")
 
 
-def test_bfloat16_is_a_clear_type_error(cp):
-    try:
-        bf16 = cp.dtype("bfloat16")
-    except TypeError:
-        pytest.skip("this CuPy has no bfloat16")
-    x = cp.ones((1, 1, 4, 4), bf16)
-    with pytest.raises(TypeError, match="input has dtype bfloat16; expected one of"):
-        gpuconv.conv2d(x, cp.ones((1, 1, 3, 3), bf16))
+def test_bfloat16_through_the_public_api(cp):
+    """CuPy bf16 arrays (ml_dtypes.bfloat16) run every op, results in bf16 on the GPU."""
+    bf16 = cc.dtype("bfloat16")
+    rng = np.random.default_rng(cc.seed_of("bf16 api"))
+    x = rng.uniform(-1, 1, (2, 4, 9, 8)).astype(bf16)
+    w = rng.uniform(-1, 1, (6, 2, 3, 3)).astype(bf16)
+    b = rng.uniform(-1, 1, 6).astype(bf16)
+    y = gpuconv.conv2d(cp.asarray(x), cp.asarray(w), cp.asarray(b), stride=2, groups=2)
+    assert isinstance(y, cp.ndarray) and y.dtype == bf16
+    ref = gpuconv.conv2d(cc.f64(x), cc.f64(w), cc.f64(b), stride=2, groups=2)
+    cc.assert_close(cp.asnumpy(y), ref, bf16, "conv2d bf16")
+    yp = gpuconv.max_pool2d(cp.asarray(x), 3, 2, 1)
+    np.testing.assert_array_equal(cc.f64(cp.asnumpy(yp)), gpuconv.max_pool2d(cc.f64(x), 3, 2, 1))
+    r = gpuconv.relu(cp.asarray(x))
+    assert r.dtype == bf16
+    np.testing.assert_array_equal(cc.f64(cp.asnumpy(r)), np.maximum(cc.f64(x), 0))

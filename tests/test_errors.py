@@ -35,7 +35,7 @@ DY = np.ones((2, 6, 6, 6), np.float32)
     (lambda: gc.conv2d(X, W.astype(np.float64)), TypeError,
      r"weight has dtype float64 but input has dtype float32"),
     (lambda: gc.conv2d(X.astype(np.float16), W.astype(np.float16)), TypeError,
-     r"float16 runs on the GPU only"),
+     r"float16 and bfloat16 run on the GPU only"),
     (lambda: gc.conv2d(X.tolist(), W), TypeError, r"expected a numpy.ndarray or cupy.ndarray"),
     (lambda: gc.conv2d(X, W, bias=np.ones(5, np.float32)), ValueError,
      r"bias must have shape \(6,\)"),
@@ -94,3 +94,16 @@ def test_mixed_numpy_and_other_arrays_rejected():
         shape, ndim, dtype = (6, 4, 3, 3), 4, np.dtype(np.float32)
     with pytest.raises(TypeError, match="expected a numpy.ndarray or cupy.ndarray"):
         gc.conv2d(X, FakeArray())
+
+
+def test_bfloat16_numpy_arrays_are_a_clear_type_error():
+    """bf16 computes on the GPU only (fp32 accumulation); a NumPy bf16 array says so and names
+    the two ways out, instead of silently running an upcast copy."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = X.astype(ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match=r"input has dtype bfloat16; expected one of float32, "
+                                        r"float64 on the CPU \(float16 and bfloat16 run on the "
+                                        r"GPU only.*cupy\.asarray.*float32"):
+        gc.conv2d(x, W.astype(ml_dtypes.bfloat16))
+    with pytest.raises(TypeError, match="bfloat16"):
+        gc.relu(x)

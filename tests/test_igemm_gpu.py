@@ -11,6 +11,7 @@ from gpuconv import ConvProblem, autotune, config
 from gpuconv.engines import cuda_igemm as ig
 from gpuconv.engines import numpy_engine as ne
 
+from . import cuda_checks as cc
 from .problems import PROBLEMS
 
 pytestmark = pytest.mark.gpu
@@ -22,13 +23,13 @@ EXTRA = [  # tile edges, vector loads (Cg*R*S, P*Q multiples of 8), split-K, str
     ("alexnet_like_s4", (2, 3, 63, 63), (16, 3, 11, 11), dict(stride=4, padding=2)),
 ]
 CASES = [(n, xs, ws, kw) for n, xs, ws, kw in PROBLEMS + EXTRA]
-DTYPES = ["float64", "float32", "float32+tf32", "float16"]
+DTYPES = ["float64", "float32", "float32+tf32", "float16", "bfloat16"]
 ALGOS = [(op, a) for op, lst in ig.algorithms().items() for a in lst]
 
 
 def _run(cp, op, algo, p, dtype_name, seed):
     tf32 = dtype_name.endswith("+tf32")
-    dtype = np.dtype(dtype_name.split("+")[0])
+    dtype = cc.dtype(dtype_name.split("+")[0])
     config.set_allow_tf32(tf32)
     try:
         if not algo.supports(p, dtype) or (tf32 and not algo.name.startswith("igemm_tc")):
@@ -51,7 +52,7 @@ def _run(cp, op, algo, p, dtype_name, seed):
 @pytest.mark.parametrize("name,xs,ws,kw", CASES, ids=[c[0] for c in CASES])
 def test_against_numpy(cp, name, xs, ws, kw, op, algo, dtype_name):
     _run(cp, op, algo, ConvProblem.from_args(xs, ws, **kw), dtype_name,
-         seed=hash((name, op, algo.name, dtype_name)) % 2**32)
+         seed=cc.seed_of(name, op, algo.name, dtype_name))
 
 
 def test_wgrad_split_k_is_deterministic(cp):
@@ -65,14 +66,29 @@ def test_wgrad_split_k_is_deterministic(cp):
         assert bool((algo(p, x, dy) == first).all())  # bitwise: fixed-order reduction
 
 
-def test_outputs_fully_written(cp):
-    """Poison the memory pool's next blocks: a kernel that skips an element leaves NaN."""
+def test_nan_filled_memory_poisons_every_allocation(cp):
+    """The allocator behind test_outputs_fully_written: what a kernel leaves unwritten is NaN."""
+    with cc.nan_filled_memory(cp):
+        for dt in (np.float32, np.float16, np.float64, cc.dtype("bfloat16")):
+            a = cp.empty(1000, dt)
+            assert bool(cp.isnan(a.astype(np.float32)).all()), dt
+
+
+@pytest.mark.parametrize("dtype_name", ["float64", "float32", "float16", "bfloat16"])
+def test_outputs_fully_written(cp, dtype_name):
+    """Every output (and workspace) allocation is NaN-filled: a kernel that skips an element
+    leaves NaN in the result."""
+    dtype = cc.dtype(dtype_name)
     p = ConvProblem.from_args((2, 5, 11, 9), (7, 5, 3, 3), stride=2, padding=1)
+    ran = 0
     for op, algo in ALGOS:
-        if not algo.supports(p, np.dtype(np.float32)):
+        if not algo.supports(p, dtype):
             continue
-        junk = cp.full(1 << 20, np.nan, np.float32)
-        del junk  # the pool hands this block out next, NaN-filled
-        args = autotune.random_inputs(op, p, np.float32, cp, seed=1)
-        out = algo(p, *args)
-        assert not bool(cp.isnan(out).any()), f"{op} {algo.name}"
+        host = autotune.random_inputs(op, p, np.float32, np, seed=1)
+        args = tuple(cp.asarray(a.astype(dtype)) for a in host)  # uploaded before the block
+        with cc.nan_filled_memory(cp):
+            out = algo(p, *args)
+            bad = bool(cp.isnan(out.astype(np.float32)).any())
+        assert not bad, f"{op} {algo.name} {dtype_name}"
+        ran += 1
+    assert ran

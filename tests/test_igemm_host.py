@@ -1,11 +1,13 @@
 """CPU checks of the second-generation kernels' host-side math (no GPU needed).
 
-- dgrad's stride-phase tables (what kernels/igemm_dgrad.cu reads) against the NumPy engine's own
-  phase arithmetic, and a NumPy emulation of the kernel's per-phase GEMM against conv_dgrad;
+- dgrad's stride phases (gpuconv.problem, which every engine uses) and the tables
+  kernels/igemm_dgrad.cu reads, against a brute-force enumeration of h + pad = p*stride + r*dil,
+  and a NumPy emulation of the kernel's per-phase GEMM against conv_dgrad;
 - the kernels' incremental mixed-radix k counters (ig_step / ig_jump) against divmod;
 - Winograd F(2x2,3x3): the same tile algorithm as kernels/winograd.cu, in NumPy, against the
   NumPy engine for fprop and stride-1 dgrad;
-- launch geometry, split-K sizing and the 16-byte-load preconditions.
+- launch geometry (CUDA's 65535 limit on grid.y / grid.z included), split-K sizing and the
+  16-byte-load preconditions.
 """
 import itertools
 
@@ -27,18 +29,34 @@ def _rand(shape, seed):
     return np.random.default_rng(seed).standard_normal(shape)
 
 
+def _brute_taps(size, pad, k, dil, stride, out_size):
+    """{h: {(r, p)}}: the (tap, dy row) pairs with h + pad = p*stride + r*dil, 0 <= p < out."""
+    return {h: {(r, (h + pad - r * dil) // stride) for r in range(k)
+                if (h + pad - r * dil) % stride == 0
+                and 0 <= (h + pad - r * dil) // stride < out_size}
+            for h in range(size)}
+
+
 @pytest.mark.parametrize("name,xs,ws,kw", PROBLEMS, ids=IDS)
-def test_dgrad_phase_tables_match_numpy_engine(name, xs, ws, kw):
+def test_dgrad_phases_match_brute_force(name, xs, ws, kw):
     p = _problem(xs, ws, kw)
-    for size, pad, k, dil, st, out in ((p.H, p.pad_h, p.R, p.dil_h, p.stride_h, p.P),
-                                       (p.W, p.pad_w, p.S, p.dil_w, p.stride_w, p.Q)):
-        rows, step, p_step = ig.dgrad_phases(size, pad, k, dil, st, out)
-        ref, _, _ = ne._phase_taps(size, pad, k, dil, st, out)
-        for (r0, taps, p0, n), (ph, n_ref, taps_ref) in zip(rows, ref):
-            assert n == n_ref
-            got = [(r0 + j * step, p0 - j * p_step) for j in range(taps)]
-            # the engine lists taps by falling r (the mirrored kernel); the kernel by rising r
-            assert sorted(got) == sorted(taps_ref), (ph, got, taps_ref)
+    for axis, (size, pad, k, dil, st, out) in (
+            ("h", (p.H, p.pad_h, p.R, p.dil_h, p.stride_h, p.P)),
+            ("w", (p.W, p.pad_w, p.S, p.dil_w, p.stride_w, p.Q))):
+        want = _brute_taps(size, pad, k, dil, st, out)
+        phases, lo, hi = p.dgrad_phases(axis)
+        assert [ph for ph, _, _ in phases] == list(range(st))
+        rows, step, p_step = p.dgrad_phase_rows(axis)
+        for (ph, n, taps), (r0, ntaps, p0, n_rows) in zip(phases, rows):
+            assert n == n_rows == len(range(ph, size, st))
+            # the tables' arithmetic progression lists the same taps as the phase
+            assert sorted((r0 + j * step, p0 - j * p_step) for j in range(ntaps)) == sorted(taps)
+            assert [r for r, _ in taps] == sorted((r for r, _ in taps), reverse=True)  # mirrored
+            for i, h in enumerate(range(ph, size, st)):
+                got = {(r, off + i) for r, off in taps if 0 <= off + i < out}
+                assert got == want[h], (axis, h)
+                # dy padded by (lo, hi) covers every listed offset
+                assert all(-lo <= off + i < out + hi for _, off in taps)
 
 
 def _emulate_dgrad(p, w, dy):
@@ -172,6 +190,45 @@ def test_grid_covers_gemm_and_phases():
     k = p.N * p.P * p.Q
     assert a["k_chunk"][0] % 16 == 0 and 5 * a["k_chunk"][0] >= k
     assert 4 * a["k_chunk"][0] < k + 16 * 4  # no split left empty by rounding
+
+
+def test_grid_z_limit_is_checked_in_supports():
+    """grid.z = groups * stride^2 (dgrad) or groups * splits (wgrad) must stay <= 65535: a
+    problem past it is not supported (the autotuner never picks it), never launched."""
+    algos = {(op, a.name): a for op, lst in ig.algorithms().items() for a in lst}
+    f32 = np.dtype("float32")
+    t = ig.IGEMM_CONFIGS[("float", ig.MODE_SIMT)][1]
+    # depthwise-like, 4096 groups, stride 4: dgrad's grid.z = 4096 * 16 = 65536
+    p = ConvProblem(1, 4096, 8, 8, 4096, 3, 3, 1, 1, 4, 4, groups=4096)
+    assert ig.launch_grid("dgrad", p, t)[2] == 65536 and not ig.grid_fits("dgrad", p, t)
+    for name in ("igemm_simt_64x64", "igemm_simt_128x128"):
+        assert not algos[("dgrad", name)].supports(p, f32)
+        assert algos[("fprop", name)].supports(p, f32)  # fprop's z is the 4096 groups
+    with pytest.raises(ValueError, match="65535"):
+        ig.igemm_args("dgrad", p, t, 4)
+    ok = ConvProblem(1, 4095, 8, 8, 4095, 3, 3, 1, 1, 4, 4, groups=4095)  # z = 65520
+    assert ig.grid_fits("dgrad", ok, t) and algos[("dgrad", "igemm_simt_64x64")].supports(ok, f32)
+    # wgrad: the split count is capped so that groups * splits fits
+    w = ConvProblem(64, 20000, 16, 16, 20000, 1, 1, groups=20000)
+    s = ig.wgrad_splits(w, t, sm_count=10**6)
+    assert s == 3 and ig.grid_fits("wgrad", w, t, s) and not ig.grid_fits("wgrad", w, t, s + 1)
+    assert ig.igemm_args("wgrad", w, t, 4, splits=s)[1][2] == 20000 * 3
+    huge = ConvProblem(1, 70000, 2, 2, 70000, 1, 1, groups=70000)  # grid.z > 65535 for any op
+    assert not any(algos[(op, "igemm_simt_64x64")].supports(huge, f32)
+                   for op in ("fprop", "dgrad", "wgrad"))
+    # grid.y = ceil(Kg / BN) (fprop) is held to the same limit
+    tall = ConvProblem(1, 1, 4, 4, 64 * 65536, 1, 1)
+    assert ig.launch_grid("fprop", tall, t)[1] == 65536 and not ig.grid_fits("fprop", tall, t)
+
+
+def test_winograd_takes_bfloat16():
+    """Its GEMM is an fp32 cupy.matmul on the float32 transforms, so bf16 needs no bf16 GEMM."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    p = ConvProblem(2, 8, 9, 9, 8, 3, 3, 1, 1)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    assert ig.WinogradAlgorithm("fprop").supports(p, bf16)
+    assert ig.WinogradAlgorithm("dgrad").supports(p, bf16)
+    assert "wino_input<ig_bf16, float>" in dict(ig.IGEMM_KERNELS)["winograd.cu"]
 
 
 def test_args_struct_is_packed_int32():

@@ -9,8 +9,9 @@ What runs: every instantiation of cuda_igemm.IGEMM_KERNELS. The SIMT implicit-GE
 F(2x2,3x3) and direct depthwise run as written. The tensor-core kernels (fp16 m16n8k16, tf32
 m16n8k8) run against an *emulation* of mma.sync and of the cvt conversions (igemm_host.py), so
 their fragment indexing is checked against the PTX ISA's fragment tables as igemm_host.py
-transcribes them, not against hardware. bfloat16 needs a NumPy bfloat16 dtype (ml_dtypes), which
-is not installed here. tests/test_igemm_gpu.py is the check on a real GPU.
+transcribes them, not against hardware. bfloat16 (ml_dtypes.bfloat16 on the host; skipped
+without ml_dtypes) runs the bf16 mma emulation, the bf16 Winograd and depthwise paths on a
+subset. tests/test_igemm_gpu.py is the check on a real GPU.
 """
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed: canno
 REF = {"fprop": ne.conv_fprop, "dgrad": ne.conv_dgrad, "wgrad": ne.conv_wgrad}
 SIMT = [("float64", "64x64"), ("float32", "64x64"), ("float32", "128x128")]
 TC = [("float16", "64x64"), ("float32+tf32", "64x64")]  # emulated mma.sync
+TC_BF16 = [("bfloat16", "64x64"), ("bfloat16", "128x128")]  # the same fragments, bf16 data
 TC_BIG = [("float16", "128x128"), ("float32+tf32", "128x128")]
 CASES = PROBLEMS + EXTRA + [
     ("stride_gt_input", (2, 2, 2, 3), (3, 2, 1, 1), dict(stride=3)),  # dgrad phases with no rows
@@ -66,6 +68,7 @@ def run(algo, p, op, dtype, seed=0, offsets=None):
     NumPy engine, that nothing was written outside an array, and returns the output.
     dtype "float32+tf32": float32 data with TF32 allowed (the tf32 tensor-core path)."""
     dtype, tf32 = dtype.split("+")[0], dtype.endswith("+tf32")
+    cc.dtype(dtype)  # bfloat16 without ml_dtypes: skip, saying so
     host = _inputs(op, p, dtype, seed)
     offsets = offsets or (0,) * len(host)
     config.set_allow_tf32(tf32)
@@ -96,7 +99,8 @@ def _problem(case):
 # a few of them
 IGEMM = ([(c, d, t, False) for c in CASES for d, t in SIMT]
          + [(c, d, t, True) for c in PROBLEMS for d, t in TC]
-         + [(c, d, t, True) for c in PROBLEMS[:6] for d, t in TC_BIG])
+         + [(c, d, t, True) for c in PROBLEMS[:6] for d, t in TC_BIG]
+         + [(c, d, t, True) for c in PROBLEMS[:4] for d, t in TC_BF16])
 
 
 @pytest.mark.parametrize("op", ("fprop", "dgrad", "wgrad"))
@@ -107,11 +111,12 @@ def test_igemm(host, case, dtype, label, tc, op):
     algo = ig.IgemmAlgorithm(op, tc, label)
     config.set_allow_tf32(dtype.endswith("+tf32"))
     try:
-        assert algo.supports(p, np.dtype(dtype.split("+")[0]))
+        assert algo.supports(p, cc.dtype(dtype.split("+")[0]))
         ct, mode, tile = algo._config(dtype.split("+")[0])
     finally:
         config.set_allow_tf32(False)
-    assert mode == {"float16": ig.MODE_F16, "float32+tf32": ig.MODE_TF32}.get(dtype, ig.MODE_SIMT)
+    assert mode == {"float16": ig.MODE_F16, "bfloat16": ig.MODE_F16,
+                    "float32+tf32": ig.MODE_TF32}.get(dtype, ig.MODE_SIMT)
     run(algo, p, op, dtype)
     assert ih.launches[0][0] == ig.igemm_name(op, ct, mode, tile)
 
@@ -127,7 +132,8 @@ def test_igemm_runs_barriers_and_multiblock_tiles(host):
     assert ih.barriers() - before == grid[0] * grid[1] * (slabs + 1)
 
 
-SPLIT_K = [(d, t, False) for d, t in SIMT] + [("float16", "64x64", True)]
+SPLIT_K = [(d, t, False) for d, t in SIMT] + [("float16", "64x64", True),
+                                              ("bfloat16", "64x64", True)]
 
 
 @pytest.mark.parametrize("dtype,label,tc", SPLIT_K,
@@ -221,7 +227,7 @@ NON_GEMM = ([(ig.DepthwiseAlgorithm, c, op) for c in DW_CASES for op in ("fprop"
             + [(ig.WinogradAlgorithm, c, op) for c in WINO_CASES for op in ("fprop", "dgrad")])
 
 
-@pytest.mark.parametrize("dtype", ("float64", "float32", "float16"))
+@pytest.mark.parametrize("dtype", ("float64", "float32", "float16", "bfloat16"))
 @pytest.mark.parametrize("kind,case,op", NON_GEMM,
                          ids=[f"{k.name}-{c[0]}-{op}" for k, c, op in NON_GEMM])
 def test_depthwise_and_winograd(host, kind, case, op, dtype):

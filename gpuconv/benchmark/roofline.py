@@ -18,15 +18,18 @@ import time
 import numpy as np
 
 # name patterns (checked in order, against the lower-cased device name) -> figures
-# TFLOP/s: fp32 (CUDA cores), tf32 / fp16 (tensor cores, dense), fp64 (tensor cores); TB/s.
+# TFLOP/s: fp32 (CUDA cores), tf32 / fp16 (tensor cores, dense), fp64 (tensor cores); TB/s;
+# where given, memory (GB) and L2 (MB) -- the benchmark's L2 flush sizes itself from the L2.
 GPU_TABLE = [
-    ("h200", "NVIDIA H200 SXM", dict(fp32=66.9, tf32=494.7, fp16=989.4, fp64=66.9, tbs=4.8)),
+    # the H200: the H100 SXM's GH100 compute with 141 GB of HBM3e at 4.8 TB/s, 50 MB L2
+    ("h200", "NVIDIA H200 SXM (HBM3e)", dict(fp32=66.9, tf32=494.7, fp16=989.4, fp64=66.9,
+                                             tbs=4.8, mem_gb=141, l2_mb=50)),
     ("h100 nvl", "NVIDIA H100 NVL", dict(fp32=60.0, tf32=417.5, fp16=835.0, fp64=60.0,
                                          tbs=3.9)),
     ("h100 pcie", "NVIDIA H100 PCIe", dict(fp32=51.2, tf32=378.0, fp16=756.0, fp64=51.2,
                                            tbs=2.0)),
     ("h100", "NVIDIA H100 SXM5 (HBM3)", dict(fp32=66.9, tf32=494.7, fp16=989.4, fp64=66.9,
-                                             tbs=3.35)),
+                                             tbs=3.35, mem_gb=80, l2_mb=50)),
     ("a100-sxm4-40gb", "NVIDIA A100 SXM4 40GB", dict(fp32=19.5, tf32=156.0, fp16=312.0,
                                                      fp64=19.5, tbs=1.555)),
     ("a100-pcie-40gb", "NVIDIA A100 PCIe 40GB", dict(fp32=19.5, tf32=156.0, fp16=312.0,
@@ -48,10 +51,11 @@ UNIT_OF = {"float32": "fp32", "tf32": "tf32", "float16": "fp16", "bfloat16": "fp
 class Roofline:
     """peak FLOP/s per unit and bandwidth (bytes/s) of one device, and where they came from."""
 
-    def __init__(self, device, source, flops, bandwidth):
+    def __init__(self, device, source, flops, bandwidth, memory_bytes=None, l2_bytes=None):
         self.device, self.source = device, source
         self.flops = dict(flops)       # unit -> FLOP/s
         self.bandwidth = bandwidth     # bytes/s
+        self.memory_bytes, self.l2_bytes = memory_bytes, l2_bytes  # datasheet, where known
 
     def unit(self, dtype_key):
         return UNIT_OF.get(dtype_key, dtype_key)
@@ -67,8 +71,13 @@ class Roofline:
         return max(flops / peak, t_mem) if peak else None
 
     def to_json(self):
-        return {"device": self.device, "source": self.source,
-                "peak_flops": self.flops, "bandwidth_bytes_per_s": self.bandwidth}
+        d = {"device": self.device, "source": self.source,
+             "peak_flops": self.flops, "bandwidth_bytes_per_s": self.bandwidth}
+        if self.memory_bytes is not None:
+            d["memory_bytes"] = self.memory_bytes
+        if self.l2_bytes is not None:
+            d["l2_bytes"] = self.l2_bytes
+        return d
 
 
 def gpu_from_table(name):
@@ -76,7 +85,10 @@ def gpu_from_table(name):
     for pattern, label, f in GPU_TABLE:
         if pattern in low:
             return Roofline(name, f"datasheet table: {label} (dense peaks, boost clock)",
-                            {k: v * 1e12 for k, v in f.items() if k != "tbs"}, f["tbs"] * 1e12)
+                            {k: f[k] * 1e12 for k in ("fp32", "tf32", "fp16", "fp64")},
+                            f["tbs"] * 1e12,
+                            memory_bytes=int(f["mem_gb"] * 1e9) if "mem_gb" in f else None,
+                            l2_bytes=int(f["l2_mb"]) << 20 if "l2_mb" in f else None)
     return None
 
 

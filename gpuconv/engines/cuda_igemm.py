@@ -1,30 +1,30 @@
 """Second-generation CUDA algorithms: implicit GEMM (SIMT and tensor cores), Winograd F(2x2,3x3),
-direct depthwise -- host side: the ONE list of kernel instantiations, tile configurations, launch
-geometry, argument packing, and registration into :mod:`gpuconv.engines.cuda_engine`.
+direct depthwise -- host side: the ONE list of kernel instantiations (added to the kernel
+catalogue, gpuconv.kernel_loader, at import), tile configurations, launch geometry, argument
+packing, and the algorithms that :mod:`gpuconv.engines.cuda_registry` registers.
 
 Importable without CuPy (the compile test and the CPU tests use the tables and the pure
 functions); CuPy is touched only when an algorithm runs.
 
-Algorithms (names as registered in ``cuda_engine.ALGORITHMS[op]``):
+Algorithms (names as registered in ``cuda_registry.ALGORITHMS[op]``):
     igemm_simt_<BM>x<BN>   fprop/dgrad/wgrad, float32 / float64, FMA on CUDA cores
     igemm_tc_<BM>x<BN>     fprop/dgrad/wgrad, float16 / bfloat16 (mma m16n8k16, fp32 accumulate);
                            float32 only while TF32 is allowed (gpuconv.set_allow_tf32, mma m16n8k8)
-    winograd_f2x3          fprop and dgrad, 3x3 stride 1 dilation 1, float32/float64/float16
+    winograd_f2x3          fprop and dgrad, 3x3 stride 1 dilation 1, every dtype (its GEMM is
+                           cupy.matmul on the float32 (float64) transforms, bf16 included)
     direct_depthwise       fprop/dgrad/wgrad, groups == C (one input channel per group)
 Each registered function has ``supports(p, dtype) -> bool``, which the autotuner reads.
 """
 from __future__ import annotations
 
 import functools
-import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import get_allow_tf32
+from ..kernel_loader import add_kernels, batch_chunk, get_kernel, require_cuda
 from ..problem import ConvProblem
-from .numpy_engine import _phase_taps
 
 # ---------------------------------------------------------------------------------------------
 # tiles and the one list of instantiations (loader, compile test, dispatch)
@@ -99,7 +99,6 @@ IGEMM_KERNELS = (
     ("direct_depthwise.cu", tuple(f"{k}<{ct}>" for k in ("dw_fprop", "dw_dgrad", "dw_wgrad")
                                   for ct in DIRECT_CTYPES)),
 )
-_FILE_OF = {n: f for f, names in IGEMM_KERNELS for n in names}
 
 # ---------------------------------------------------------------------------------------------
 # the kernels' argument struct (IgemmArgs in kernels/igemm_common.cuh), all int32
@@ -115,32 +114,46 @@ WINO_ARGS_FIELDS = ("N G Ci Ko Hin Win Hout Wout tiles_h tiles_w off_h off_w fli
 WINO_ARGS_DTYPE = np.dtype([(f, np.int32) for f in WINO_ARGS_FIELDS])
 STRUCTS = (("IgemmArgs", IGEMM_ARGS_DTYPE), ("WinoArgs", WINO_ARGS_DTYPE))
 INT32_MAX = 2**31 - 1
+#: CUDA's limit on gridDim.y and gridDim.z (gridDim.x goes to 2^31 - 1).
+MAX_GRID_YZ = 65535
 
-
-def dgrad_phases(size, pad, k, dil, stride, out_size):
-    """One axis of dgrad split into stride phases, as the kernel's tables want them.
-
-    Input index h = ph + stride*i (i < n) receives dy[p] * w[r] exactly when
-    h + pad = p*stride + r*dil. In phase ph those taps are r = r0 + j*step (j < taps), with
-    p = i + p0 - j*p_step. Returns (rows, step, p_step), rows = [(r0, taps, p0, n)] per phase.
-    The taps themselves come from the NumPy engine's _phase_taps (one copy of this arithmetic).
-    """
-    gcd = math.gcd(stride, dil)
-    rows = []
-    for _, n, taps in _phase_taps(size, pad, k, dil, stride, out_size)[0]:
-        # _phase_taps lists a phase's taps by falling r: the last one is the smallest, r0
-        rows.append((taps[-1][0], len(taps), taps[-1][1], n) if taps else (0, 0, 0, n))
-    return rows, stride // gcd, dil // gcd
+for _file, _names in IGEMM_KERNELS:
+    add_kernels(_file, _names, STRUCTS)
 
 
 def wgrad_splits(p: ConvProblem, tile: Tile, sm_count: int, max_splits=64, min_slabs=8):
     """Split-K factor for wgrad: enough blocks for two per SM when the (Kg x Cg*R*S) grid alone
-    has fewer, while every split keeps >= min_slabs k-slabs. A sizing rule, not a tuned value."""
+    has fewer, while every split keeps >= min_slabs k-slabs. A sizing rule, not a tuned value.
+    Never more than grid.z can hold (groups * splits <= 65535)."""
     _, m, n, k = p.gemm_shape("wgrad")
     blocks = -(-m // tile.bm) * -(-n // tile.bn) * p.groups
     want = -(-2 * sm_count // blocks)
     cap = max(1, k // (tile.bk * min_slabs))
-    return int(max(1, min(want, cap, max_splits)))
+    return int(max(1, min(want, cap, max_splits, MAX_GRID_YZ // p.groups)))
+
+
+def gemm_rows(op, p: ConvProblem) -> int:
+    """The GEMM's M as the kernel covers it: dgrad runs one stride phase per grid.z slice, so
+    its M is the largest phase's N * ceil(H / stride_h) * ceil(W / stride_w)."""
+    if op == "dgrad":
+        return p.N * -(-p.H // p.stride_h) * -(-p.W // p.stride_w)
+    return p.gemm_shape(op)[1]
+
+
+def launch_grid(op, p: ConvProblem, tile: Tile, splits=1):
+    """The (x, y, z) grid of the implicit-GEMM kernel of `op` on `p`: x covers the GEMM's M
+    (dgrad: the largest stride phase), y its N, z the groups times the stride phases (dgrad) or
+    the K splits (wgrad)."""
+    g, _, n, _ = p.gemm_shape(op)
+    m = gemm_rows(op, p)
+    z = g * (p.stride_h * p.stride_w if op == "dgrad" else int(splits) if op == "wgrad" else 1)
+    return (-(-m // tile.bm), -(-n // tile.bn), z)
+
+
+def grid_fits(op, p: ConvProblem, tile: Tile, splits=1) -> bool:
+    """gridDim.y and gridDim.z within CUDA's 65535 (dgrad: groups * stride^2 <= 65535)."""
+    _, y, z = launch_grid(op, p, tile, splits)
+    return y <= MAX_GRID_YZ and z <= MAX_GRID_YZ
 
 
 def igemm_args(op, p: ConvProblem, tile: Tile, itemsize: int, *, splits=1, vec_a=False,
@@ -152,25 +165,25 @@ def igemm_args(op, p: ConvProblem, tile: Tile, itemsize: int, *, splits=1, vec_a
     for f in ("N", "C", "H", "W", "K", "R", "S", "P", "Q", "pad_h", "pad_w", "stride_h",
               "stride_w", "dil_h", "dil_w", "groups", "Cg", "Kg"):
         a[f] = getattr(p, f)
-    g, m, n, k = p.gemm_shape(op)
+    _, _, n, k = p.gemm_shape(op)
     splits = int(splits) if op == "wgrad" else 1
     k_chunk = -(-k // splits)
     k_chunk = -(-k_chunk // tile.bk) * tile.bk
     if op == "dgrad":
-        rows_h, a["r_step"], a["dp_step"] = dgrad_phases(p.H, p.pad_h, p.R, p.dil_h,
-                                                         p.stride_h, p.P)
-        rows_w, a["s_step"], a["dq_step"] = dgrad_phases(p.W, p.pad_w, p.S, p.dil_w,
-                                                         p.stride_w, p.Q)
+        # the stride phases, from the problem's own description (gpuconv.problem.phase_rows)
+        rows_h, a["r_step"], a["dp_step"] = p.dgrad_phase_rows("h")
+        rows_w, a["s_step"], a["dq_step"] = p.dgrad_phase_rows("w")
         for name, col in zip(("ph_r0", "ph_tr", "ph_dp0", "ph_n"), zip(*rows_h)):
             a[name][0, :len(col)] = col
         for name, col in zip(("pw_s0", "pw_ts", "pw_dq0", "pw_n"), zip(*rows_w)):
             a[name][0, :len(col)] = col
-        m = p.N * -(-p.H // p.stride_h) * -(-p.W // p.stride_w)  # the largest phase
-    a["gemm_m"], a["gemm_n"], a["gemm_k"] = m, n, k
+    a["gemm_m"], a["gemm_n"], a["gemm_k"] = gemm_rows(op, p), n, k
     a["vec_a"], a["vec_b"], a["has_bias"] = int(vec_a), int(vec_b), int(has_bias)
     a["splits"], a["k_chunk"] = splits, k_chunk
-    z = g * (p.stride_h * p.stride_w if op == "dgrad" else splits)
-    grid = (-(-m // tile.bm), -(-n // tile.bn), z)
+    grid = launch_grid(op, p, tile, splits)
+    if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
+        raise ValueError(f"{op} grid {grid} exceeds CUDA's 65535 limit on grid.y / grid.z "
+                         f"(supports() excludes this problem: {p})")
     return a, grid
 
 
@@ -237,44 +250,15 @@ def winograd_f2x3_numpy(op, p: ConvProblem, inp, w, bias=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# loading (one module per kernel file and device; sources through gpuconv.cuda's inliner)
+# device facts (kernels come from gpuconv.kernel_loader.get_kernel, cached per device)
 # ---------------------------------------------------------------------------------------------
-_modules: dict = {}
-_lock = threading.Lock()
-
-
-def get_kernel(name: str):
-    """The compiled kernel `name` (a name expression of IGEMM_KERNELS) on the current device."""
-    from .. import cuda as _cuda
-    cupy = _cuda.require_cuda()
-    file = _FILE_OF[name]
-    key = (cupy.cuda.runtime.getDevice(), file)
-    mod = _modules.get(key)
-    if mod is None:
-        with _lock:
-            mod = _modules.get(key)
-            if mod is None:
-                opts = _cuda.COMPILE_OPTIONS
-                try:
-                    mod = cupy.RawModule(code=_cuda.kernel_source(file), options=opts,
-                                         name_expressions=list(dict(IGEMM_KERNELS)[file]))
-                    mod.compile()
-                except cupy.cuda.compiler.CompileException as e:
-                    raise _cuda.compile_error(file, opts, e) from e
-                _modules[key] = mod
-    return mod.get_function(name)
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_id):
-    from .. import cuda as _cuda
-    cupy = _cuda.require_cuda()
-    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+    return require_cuda().cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
 def _current_sm_count():
-    from .. import cuda as _cuda
-    return _sm_count(_cuda.require_cuda().cuda.runtime.getDevice())
+    return _sm_count(require_cuda().cuda.runtime.getDevice())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,8 +290,10 @@ class IgemmAlgorithm:
         return None if tile is None else (ct, mode, tile)
 
     def supports(self, p: ConvProblem, dtype) -> bool:
-        return (self._config(dtype) is not None and fits_int32(p)
-                and max(p.stride_h, p.stride_w) <= MAX_STRIDE)
+        cfg = self._config(dtype)
+        # wgrad: splits are capped to fit grid.z (wgrad_splits), so one split is what must fit
+        return (cfg is not None and fits_int32(p) and max(p.stride_h, p.stride_w) <= MAX_STRIDE
+                and grid_fits(self.op, p, cfg[2]))
 
     def __call__(self, p, *arrays):
         ct, mode, tile = self._config(arrays[0].dtype)
@@ -395,12 +381,11 @@ class WinogradAlgorithm:
         self.op = op
 
     def supports(self, p: ConvProblem, dtype) -> bool:
-        return (winograd_supports(p) and ctype_of(dtype) is not None and fits_int32(p)
-                and np.dtype(dtype).name != "bfloat16")  # cupy.matmul has no bf16 path
+        # bfloat16 too: the transforms are float32 (Acc), so cupy.matmul never sees bf16
+        return winograd_supports(p) and ctype_of(dtype) is not None and fits_int32(p)
 
     def __call__(self, p, *arrays):
         import cupy
-        from .. import cuda as _cuda
         if self.op == "fprop":
             inp, w, bias = arrays
         else:
@@ -420,7 +405,7 @@ class WinogradAlgorithm:
         _launch_1d(f"wino_filter<{ct}, {ACC_CTYPE[ct]}>", G * ko * ci, (w, U, a))
         isz = np.dtype(acc).itemsize
         per_image = 16 * th * tw * G * (ci + ko) * isz
-        step = _cuda.batch_chunk(p.N, per_image)
+        step = batch_chunk(p.N, per_image)
         for n0 in range(0, p.N, step):
             n = min(step, p.N - n0)
             a["N"] = n
@@ -445,12 +430,10 @@ def algorithms():
     return out
 
 
-def register(register_algorithm=None):
-    """Register every algorithm here into cuda_engine.ALGORITHMS (idempotent).
+def register(register_algorithm):
+    """Register every algorithm here through `register_algorithm` (the registry's; idempotent).
 
     Returns {op: [names]}. The registry's functions take the engine's C-contiguous arrays."""
-    if register_algorithm is None:
-        from .cuda_engine import register_algorithm
     names = {}
     for op, algos in algorithms().items():
         for algo in algos:

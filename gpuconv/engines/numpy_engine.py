@@ -16,6 +16,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..problem import ConvProblem, PoolProblem
+from ..problem import phase_taps as _phase_taps  # the one copy of the stride-phase arithmetic
 
 name = "numpy"
 SCRATCH_KEEP_BYTES = 256 << 20
@@ -253,27 +254,6 @@ def _wgrad_depthwise(p: ConvProblem, x, dy):
 # ---------------------------------------------------------------------------------------------
 # dgrad: dx = conv(pad(stride-dilate(dy)), mirror(w)), by stride phases
 # ---------------------------------------------------------------------------------------------
-def _phase_taps(size, pad, k, dil, stride, out_size):
-    """Split one axis of dgrad into stride phases.
-
-    Input index h = ph + stride*i (i = 0..n_i-1) receives dy[p] * w[r] exactly when
-    h + pad = p*stride + r*dil, i.e. p = off_r + i with off_r = (ph + pad - r*dil) / stride an
-    integer. Only those taps are listed, so the stride zeros of the dilated dy are never touched.
-    Taps are ordered by rising offset = falling r: the mirrored (180-degree rotated) kernel.
-    Returns [(ph, n_i, [(r, off_r), ...])] and the (lo, hi) zero padding dy needs.
-    """
-    phases, lo, hi = [], 0, 0
-    for ph in range(stride):
-        n_i = -(-(size - ph) // stride) if ph < size else 0
-        taps = [(r, (ph + pad - r * dil) // stride) for r in reversed(range(k))
-                if (ph + pad - r * dil) % stride == 0]
-        if n_i and taps:
-            lo = max(lo, -min(off for _, off in taps))
-            hi = max(hi, max(off for _, off in taps) + n_i - out_size)
-        phases.append((ph, n_i, taps))
-    return phases, lo, hi
-
-
 def _dgrad(p: ConvProblem, w, dy):
     """dx = conv(pad(stride-dilate(dy)), mirror(w)), one stride phase at a time.
 
