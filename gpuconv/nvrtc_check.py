@@ -71,10 +71,11 @@ def _toolkit_roots():
 
 def _candidates():
     """Where libnvrtc may be, in the order CuPy's loader (cuda-pathfinder) prefers: pip wheels
-    (CUDA 13's nvidia/cu13/lib, CUDA 12's nvidia/cuda_nvrtc/lib), then a toolkit."""
-    pats = []
+    (CUDA 13's nvidia/cu13/lib, CUDA 12's nvidia/cuda_nvrtc/lib), then a toolkit. The env var
+    GPUCONV_NVRTC names one library to use instead (to check another NVRTC version)."""
     if os.environ.get("GPUCONV_NVRTC"):
-        pats.append(os.environ["GPUCONV_NVRTC"])
+        return [os.environ["GPUCONV_NVRTC"]]
+    pats = []
     lib = "nvrtc64_*.dll" if os.name == "nt" else "libnvrtc.so*"
     for d in _site_dirs():
         pats += [os.path.join(d, "nvidia", "cu1*", "bin" if os.name == "nt" else "lib", lib),
@@ -102,19 +103,21 @@ def find_nvrtc():
         except OSError:
             continue
         return f
-    raise NvrtcNotFound(
-        "libnvrtc not found (searched the nvidia-cuda-nvrtc wheel in site-packages, "
-        "GPUCONV_NVRTC, CUDA_PATH, CUDA_HOME and /usr/local/cuda): "
-        "pip install 'nvidia-cuda-nvrtc>=13,<14' (or gpuconv[test])")
+    where = (f"GPUCONV_NVRTC={os.environ['GPUCONV_NVRTC']} cannot be loaded"
+             if os.environ.get("GPUCONV_NVRTC") else
+             "libnvrtc not found (searched the nvidia-cuda-nvrtc wheel in site-packages, "
+             "CUDA_PATH, CUDA_HOME and /usr/local/cuda)")
+    raise NvrtcNotFound(f"{where}: pip install 'nvidia-cuda-nvrtc>=13,<14' (or gpuconv[test])")
 
 
 def find_cuda_include(nvrtc_path=None):
     """The directory with cuda_fp16.h, the CUDA headers our kernels include.
 
     CuPy passes ``-I<CUDA root>/include``, its root derived from where libnvrtc lives; for the
-    CUDA 13 wheels that is nvidia/cu13/include, filled by ``nvidia-cuda-runtime``.
+    CUDA 13 wheels that is nvidia/cu13/include, filled by ``nvidia-cuda-runtime``. The env var
+    GPUCONV_CUDA_INCLUDE names the directory instead (headers matching a GPUCONV_NVRTC).
     """
-    dirs = []
+    dirs = [os.environ["GPUCONV_CUDA_INCLUDE"]] if os.environ.get("GPUCONV_CUDA_INCLUDE") else []
     if nvrtc_path:
         dirs.append(os.path.join(os.path.dirname(os.path.dirname(nvrtc_path)), "include"))
     for d in _site_dirs():

@@ -210,10 +210,10 @@ struct IgCfg {
     static const int KSTEP = MODE == IG_MODE_F16 ? 16 : 8;
     // SIMT: k-steps per unrolled group of the slab loop (the groups themselves are not unrolled).
     // Fully unrolled, the 8x8-per-thread fp32 tile let ptxas hoist shared loads of later k-steps
-    // until it filled the budget: 254 of 255 registers under nvcc 13.0 and NVRTC 13.5 (spill-free
-    // down to a forced cap of ~184, so that was appetite, not need). Groups of 4 k-steps (256
-    // FMAs, 64 shared loads, one loop branch) bring it to ~212, headroom for other compilers.
-    // Smaller thread tiles sit at <= 176 fully unrolled and keep it.
+    // until it filled the budget: 246-254 of 255 registers under nvcc 13.0 and NVRTC 12.9/13.5,
+    // yet spill-free at a forced cap of 184 (appetite, not need). Groups of 4 k-steps (256 FMAs,
+    // 64 shared loads, one loop branch) bring it to 210-224, headroom for other compilers.
+    // Smaller thread tiles sit at <= 182 fully unrolled and keep it (KU == BK).
     static const int KU = (MODE == IG_MODE_SIMT && TM * TN >= 64) ? 4 : BK;
     static_assert(BK % KV == 0 && THREADS % KG == 0, "k-groups must tile the slab");
     static_assert(BM % RSTEP == 0 && BN % RSTEP == 0, "rows must tile the block");

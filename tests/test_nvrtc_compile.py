@@ -163,9 +163,14 @@ def test_reader_agrees_with_ptxas(tmp_path, arch):
         assert (ours[k].registers, ours[k].frame) == (regs, frame), k
 
 
-def test_missing_library_is_reported(monkeypatch):
+def test_missing_library_is_reported(monkeypatch, tmp_path):
+    monkeypatch.delenv("GPUCONV_NVRTC", raising=False)
     monkeypatch.setattr(nc, "_candidates", lambda: [])
-    with pytest.raises(nc.NvrtcNotFound, match="nvidia-cuda-nvrtc"):
+    with pytest.raises(nc.NvrtcNotFound, match="pip install 'nvidia-cuda-nvrtc"):
+        nc.find_nvrtc()
+    monkeypatch.undo()
+    monkeypatch.setenv("GPUCONV_NVRTC", str(tmp_path / "libnvrtc.so"))   # names a missing file
+    with pytest.raises(nc.NvrtcNotFound, match="GPUCONV_NVRTC=.*cannot be loaded"):
         nc.find_nvrtc()
 
 
