@@ -140,7 +140,8 @@ _SZ = ctypes.c_size_t
 
 
 class Nvrtc:
-    """One loaded libnvrtc. ``compile`` is safe to call from several threads (one program each)."""
+    """One loaded libnvrtc. ``compile`` may run in several threads at once, one program each
+    (as CuPy's compiles do; two threads here give the same cubins as one)."""
 
     def __init__(self, path=None):
         self.path = path or find_nvrtc()
@@ -353,10 +354,11 @@ def compile_file(nvrtc, file, names, arch, include_dir, source_of=_cuda.kernel_s
 
 
 def compile_catalogue(catalogue, archs=("sm_80", "sm_90"), jobs=2, nvrtc=None,
-                      source_of=_cuda.kernel_source):
+                      source_of=_cuda.kernel_source, return_errors=False):
     """compile_file for every (file, arch) of `catalogue` ((file, name expressions) pairs),
-    `jobs` at a time (ctypes drops the GIL inside NVRTC). Returns FileReports in catalogue order;
-    a failing compile raises its NvrtcError."""
+    `jobs` at a time (ctypes drops the GIL inside NVRTC). Returns FileReports in catalogue order,
+    file by file, arch by arch. A failing compile raises its NvrtcError, or with `return_errors`
+    stands in the list in place of its report (so one broken file does not hide the others)."""
     nvrtc = nvrtc or Nvrtc()
     inc = find_cuda_include(nvrtc.path)
     work = [(f, tuple(names), a) for f, names in catalogue for a in archs]
@@ -365,4 +367,10 @@ def compile_catalogue(catalogue, archs=("sm_80", "sm_90"), jobs=2, nvrtc=None,
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
         futs = {w: ex.submit(compile_file, nvrtc, w[0], w[1], w[2], inc, source_of)
                 for w in sorted(work, key=lambda w: -size[w[0]])}
-        return [futs[w].result() for w in work]
+        out = []
+        for w in work:
+            err = futs[w].exception()
+            if err is not None and not (return_errors and isinstance(err, NvrtcError)):
+                raise err
+            out.append(err if err is not None else futs[w].result())
+        return out

@@ -53,10 +53,11 @@ def nvrtc():
 @pytest.fixture(scope="module")
 def reports(nvrtc):
     t0 = time.perf_counter()
-    reps = nc.compile_catalogue(catalogue(), ARCHS, jobs=2, nvrtc=nvrtc)
+    reps = nc.compile_catalogue(catalogue(), ARCHS, jobs=2, nvrtc=nvrtc, return_errors=True)
     print(f"NVRTC {'.'.join(map(str, nvrtc.version))}: {len(reps)} compiles in "
           f"{time.perf_counter() - t0:.1f} s wall (2 threads)")
-    return {(r.file, r.arch): r for r in reps}
+    jobs = [(f, a) for f, _ in catalogue() for a in ARCHS]
+    return dict(zip(jobs, reps))
 
 
 def test_nvrtc_version(nvrtc, record_property):
@@ -70,6 +71,8 @@ def test_nvrtc_version(nvrtc, record_property):
 @pytest.mark.parametrize("file", [f for f, _ in catalogue()])
 def test_compiles_with_nvrtc(reports, file, arch, record_property):
     rep = reports[(file, arch)]
+    if isinstance(rep, Exception):
+        pytest.fail(f"kernels/{file} ({arch}): {rep}")
     names = dict(catalogue())[file]
     assert sorted(rep.kernels) == sorted(names)
     assert not rep.unlisted, f"{file} has kernels no name expression launches: {rep.unlisted}"
