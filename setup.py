@@ -20,8 +20,12 @@ setup(
         "cuda13": ["cupy-cuda13x[ctk]>=14.2", "ml_dtypes>=0.5"],
         "digits": ["scikit-learn>=1.3"],
         "plot": ["matplotlib>=3.7"],
-        # wheel: the install test builds a wheel without build isolation (offline GPU machine)
-        "test": ["pytest>=7", "scikit-learn>=1.3", "wheel"],
+        # wheel: the install test builds a wheel without build isolation (offline GPU machine);
+        # NVRTC + the CUDA headers: tests/test_nvrtc_compile.py compiles every kernel as CuPy
+        # does, with no GPU (no macOS wheels: the test skips there)
+        "test": ["pytest>=7", "scikit-learn>=1.3", "wheel",
+                 "nvidia-cuda-nvrtc>=13.0,<14; platform_system != 'Darwin'",
+                 "nvidia-cuda-runtime>=13.0,<14; platform_system != 'Darwin'"],
     },
     entry_points={
         "console_scripts": [

@@ -208,6 +208,13 @@ struct IgCfg {
     static const int TM = WM / 8, TN = WN / 4;
     static const int MI = WM / 16, NI = WN / 8;
     static const int KSTEP = MODE == IG_MODE_F16 ? 16 : 8;
+    // SIMT: k-steps per unrolled group of the slab loop (the groups themselves are not unrolled).
+    // Fully unrolled, the 8x8-per-thread fp32 tile let ptxas hoist shared loads of later k-steps
+    // until it filled the budget: 246-254 of 255 registers under nvcc 13.0 and NVRTC 12.9/13.5,
+    // yet spill-free at a forced cap of 184 (appetite, not need). Groups of 4 k-steps (256 FMAs,
+    // 64 shared loads, one loop branch) bring it to 210-224, headroom for other compilers.
+    // Smaller thread tiles sit at <= 182 fully unrolled and keep it (KU == BK).
+    static const int KU = (MODE == IG_MODE_SIMT && TM * TN >= 64) ? 4 : BK;
     static_assert(BK % KV == 0 && THREADS % KG == 0, "k-groups must tile the slab");
     static_assert(BM % RSTEP == 0 && BN % RSTEP == 0, "rows must tile the block");
     static_assert(MODE == IG_MODE_SIMT ? (WM % 8 == 0 && WN % 4 == 0)
@@ -299,17 +306,22 @@ struct IgAccum<Cfg, IG_MODE_SIMT> {
                                              int lane) {
         const T* a_base = As + (wm0 + (lane & 7)) * Cfg::LDS;
         const T* b_base = Bs + (wn0 + (lane >> 3)) * Cfg::LDS;
+#pragma unroll 1
+        for (int k0 = 0; k0 < Cfg::BK; k0 += Cfg::KU) {   // one pass when KU == BK
 #pragma unroll
-        for (int k = 0; k < Cfg::BK; ++k) {
-            Acc a[Cfg::TM], b[Cfg::TN];
+            for (int k = k0; k < k0 + Cfg::KU; ++k) {
+                Acc a[Cfg::TM], b[Cfg::TN];
 #pragma unroll
-            for (int i = 0; i < Cfg::TM; ++i) a[i] = IgNum<T>::to_acc(a_base[i * 8 * Cfg::LDS + k]);
+                for (int i = 0; i < Cfg::TM; ++i)
+                    a[i] = IgNum<T>::to_acc(a_base[i * 8 * Cfg::LDS + k]);
 #pragma unroll
-            for (int j = 0; j < Cfg::TN; ++j) b[j] = IgNum<T>::to_acc(b_base[j * 4 * Cfg::LDS + k]);
+                for (int j = 0; j < Cfg::TN; ++j)
+                    b[j] = IgNum<T>::to_acc(b_base[j * 4 * Cfg::LDS + k]);
 #pragma unroll
-            for (int i = 0; i < Cfg::TM; ++i)
+                for (int i = 0; i < Cfg::TM; ++i)
 #pragma unroll
-                for (int j = 0; j < Cfg::TN; ++j) c[i][j] += a[i] * b[j];
+                    for (int j = 0; j < Cfg::TN; ++j) c[i][j] += a[i] * b[j];
+            }
         }
     }
     // Row m_local of accumulator row i, column of accumulator column j.
