@@ -585,7 +585,7 @@ def build_parser():
 
 def main(argv=None, out=None):
     args = build_parser().parse_args(argv)
-    out = open(os.devnull, "w") if args.quiet else (out or sys.stdout)
+    out = io.StringIO() if args.quiet else (out or sys.stdout)
     t_start = time.perf_counter()
     from .benchmark import env as benv
     doc = {"schema": SCHEMA, "date": benv.now(), "command": "gpuconv-doctor " + " ".join(
@@ -620,7 +620,7 @@ def main(argv=None, out=None):
     _say(out, f"\ncorrectness sweep on {target.name} ({len(SWEEP_SHAPES)} shapes x "
               f"{len(OPS)} ops; inputs exact in every dtype, reference in float64)")
     t0 = time.perf_counter()
-    rows = sweep(target, reference=reference)
+    rows = sweep(target, SWEEP_SHAPES, reference)
     doc["sweep"] = rows
     doc["sweep_seconds"] = time.perf_counter() - t0
     for line in sweep_table(rows):
