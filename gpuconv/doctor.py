@@ -643,7 +643,7 @@ def main(argv=None, out=None):
         _say(out, f"\nbenchmark (gpuconv-bench {' '.join(BENCH_GPU if gpu else BENCH_CPU)})")
         try:
             bdoc, rc, text = run_bench(gpu)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # argparse errors exit: report them, go on
             bdoc, rc, text = None, 2, f"{type(e).__name__}: {e}"
         doc["bench"] = {"rc": rc, "output": text, "run": bdoc}
         if bdoc:
