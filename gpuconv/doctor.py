@@ -158,8 +158,9 @@ def compare(out, ref, key):
         bad = int((~xp.isfinite(o)).sum())
         res["reason"] = f"{bad} NaN/Inf elements (unwritten or overflowed)"
         return res
-    den, scale = float(xp.linalg.norm(ref)), float(xp.abs(ref).max()) if ref.size else 0.0
-    rel = float(xp.linalg.norm(diff)) / den if den > 0 else float(xp.linalg.norm(diff))
+    from .autotune import relative_error
+    rel = relative_error(o, ref)
+    scale = float(xp.abs(ref).max()) if ref.size else 0.0
     mx = (float(diff.max()) / scale if scale > 0 else float(diff.max())) if ref.size else 0.0
     res.update(rel_err=rel, max_err=mx)
     if rel > rel_tol:
