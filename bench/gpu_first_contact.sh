@@ -6,7 +6,7 @@
 #   bench/gpu_first_contact.sh --dry-run OUTDIR  the same steps on the CPU backends (CI runs it)
 #
 # Steps (each under `timeout`, each continuing after a failure of the ones before; the rc and
-# wall time of every step go to OUTDIR/steps.tsv and OUTDIR/SUMMARY.md):
+# wall time of every step go to steps.tsv and SUMMARY.md):
 #   install  pip install --no-deps --no-build-isolation -e .  (the GPU machine has no registry;
 #            the dry run only resolves it: pip install --dry-run)
 #   smi      nvidia-smi                                        (skipped in the dry run)
@@ -15,8 +15,11 @@
 #   bench-*  gpuconv-bench, suites r50 and vgg16, fprop/dgrad/wgrad, batch 32: float32 beside cuDNN
 #            with TF32 off and on, and float16 beside cuDNN; JSON + Markdown per run
 #   summary  SUMMARY.md: device, date, commit, pass/fail counts, every step, the bench tables
-# Nothing here needs the network. Outputs: <step>.log per step, steps.tsv, doctor.json,
-# pytest-gpu.xml, bench-<suite>-<dtype>.json/.md, summary.json, SUMMARY.md.
+# Nothing here needs the network. The steps write into a scratch directory; after every step
+# OUTDIR gets a fresh copy of the key files and a tarball of everything, so what a killed call
+# leaves behind still comes back, and OUTDIR holds six files (the device tool returns at most
+# eight): SUMMARY.md, summary.json, steps.log, doctor.json, pytest-gpu.xml and outputs.tar.gz
+# (every <step>.log, steps.tsv, bench-<suite>-<dtype>.json and .md, and the five above).
 #
 # Time budget (H200, 16 CPU cores; the whole run is capped at BUDGET seconds, default 470, and a
 # step gets min(its cap, what is left), so the run ends inside 8 minutes whatever hangs):
@@ -35,18 +38,29 @@ if [ $# -ne 1 ]; then
     echo "usage: bench/gpu_first_contact.sh [--dry-run] OUTDIR" >&2
     exit 2
 fi
-OUT=$1
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
-mkdir -p "$OUT" || exit 2
-OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpuconv-first-contact.XXXXXX") || exit 2
+KEEP=(SUMMARY.md summary.json steps.log doctor.json pytest-gpu.xml)
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/gpuconv-cupy-cache}"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 BUDGET=${GPUCONV_FIRST_CONTACT_BUDGET:-470}
 START=$(date +%s)
-: > "$OUT/steps.tsv"
-echo "first contact $(date -u +%FT%TZ) in $(pwd) -> $OUT (dry run: $DRY, budget ${BUDGET} s)" \
-    | tee "$OUT/steps.log"
+: > "$WORK/steps.tsv"
+echo "first contact $(date -u +%FT%TZ) in $(pwd) -> $OUT (work dir $WORK; dry run: $DRY;" \
+    "budget ${BUDGET} s)" | tee "$WORK/steps.log"
+
+# publish: OUTDIR gets the key files and a tarball of the work dir, as they are now
+publish() {
+    local f
+    for f in "${KEEP[@]}"; do
+        if [ -f "$WORK/$f" ]; then cp "$WORK/$f" "$OUT/$f"; fi
+    done
+    tar -czf "$OUT/outputs.tar.gz.part" -C "$WORK" . && mv "$OUT/outputs.tar.gz.part" \
+        "$OUT/outputs.tar.gz"
+}
 
 # step NAME CAP COMMAND...: run COMMAND under timeout min(CAP, time left), output to NAME.log.
 # SIGINT first (pytest still writes its JUnit XML), SIGKILL 15 s later.
@@ -57,20 +71,22 @@ step() {
     now=$(date +%s)
     left=$(( START + BUDGET - now - 15 ))   # 15 s kept for the summary
     if [ "$left" -lt 5 ]; then
-        printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 0 >> "$OUT/steps.tsv"
-        echo "== $name: skipped, out of time" | tee -a "$OUT/steps.log"
+        printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 0 >> "$WORK/steps.tsv"
+        echo "== $name: skipped, out of time" | tee -a "$WORK/steps.log"
+        publish
         return
     fi
     t=$(( cap < left ? cap : left ))
-    echo "== $name (timeout ${t} s): $*" | tee -a "$OUT/steps.log"
+    echo "== $name (timeout ${t} s): $*" | tee -a "$WORK/steps.log"
     t0=$(date +%s)
-    timeout -s INT -k 15 "$t" "$@" > "$OUT/$name.log" 2>&1
+    timeout -s INT -k 15 "$t" "$@" > "$WORK/$name.log" 2>&1
     rc=$?
     dt=$(( $(date +%s) - t0 ))
-    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$dt" "$t" >> "$OUT/steps.tsv"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$dt" "$t" >> "$WORK/steps.tsv"
     echo "== $name: rc $rc in ${dt} s$([ "$rc" = 124 ] && echo ' (TIMED OUT)')" \
-        | tee -a "$OUT/steps.log"
-    tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
+        | tee -a "$WORK/steps.log"
+    tail -n 3 "$WORK/$name.log" | sed 's/^/   | /'
+    publish
 }
 
 # the console scripts, or their modules where the install step could not put them on PATH
@@ -81,22 +97,33 @@ resolve() {
     if command -v gpuconv-bench >/dev/null; then BENCH=(gpuconv-bench);
     else BENCH=("$PY" -m gpuconv.benchmark.cli); fi
 }
+# Without an install the source tree lacks the package gpuconv.kernels (setup.py maps it to
+# kernels/): link it, so that the steps still run from the checkout (the tree is a throwaway
+# copy on the GPU machine), and say so.
+importable() {
+    if ! "$PY" -c "import gpuconv.kernels" 2>/dev/null; then
+        ln -s ../kernels gpuconv/kernels
+        echo "== install: gpuconv.kernels not importable; linked gpuconv/kernels -> ../kernels" \
+            | tee -a "$WORK/steps.log"
+    fi
+}
 # bench_step NAME CAP ARGS...: one gpuconv-bench run to NAME.json, then its Markdown tables
 bench_step() {
     local name=$1 cap=$2
     shift 2
-    step "$name" "$cap" "${BENCH[@]}" "$@" --quiet --json "$OUT/$name.json"
-    if [ -f "$OUT/$name.json" ]; then
-        timeout 30 "${BENCH[@]}" markdown "$OUT/$name.json" > "$OUT/$name.md" 2>&1
+    step "$name" "$cap" "${BENCH[@]}" "$@" --quiet --json "$WORK/$name.json"
+    if [ -f "$WORK/$name.json" ]; then
+        timeout 30 "${BENCH[@]}" markdown "$WORK/$name.json" > "$WORK/$name.md" 2>&1
     fi
 }
 
 if [ "$DRY" = 1 ]; then
     step install 60 "$PY" -m pip install --dry-run --no-deps --no-build-isolation -e .
     resolve
-    step doctor 120 "${DOCTOR[@]}" --bench --json "$OUT/doctor.json"
+    importable
+    step doctor 120 "${DOCTOR[@]}" --bench --json "$WORK/doctor.json"
     step pytest 120 "$PY" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider \
-        --junitxml "$OUT/pytest-gpu.xml"
+        --junitxml "$WORK/pytest-gpu.xml"
     # two bench runs in the GPU runs' form (suite x dtype -> JSON + Markdown) with the CPU engine
     # on LeNet layers, batch 2; float64 stands in for float16, which the NumPy engine lacks. Two,
     # not four: each CPU run first measures the CPU's matmul peak (seconds on 2 cores).
@@ -107,10 +134,11 @@ if [ "$DRY" = 1 ]; then
 else
     step install 90 "$PY" -m pip install --no-deps --no-build-isolation -e .
     resolve
+    importable
     step smi 15 nvidia-smi
-    step doctor 150 "${DOCTOR[@]}" --bench --require-gpu --json "$OUT/doctor.json"
+    step doctor 150 "${DOCTOR[@]}" --bench --require-gpu --json "$WORK/doctor.json"
     step pytest 200 "$PY" -m pytest --require-gpu -m gpu tests -q -rfEs -p no:cacheprovider \
-        --durations=15 --junitxml "$OUT/pytest-gpu.xml"
+        --durations=15 --junitxml "$WORK/pytest-gpu.xml"
     SAMPLES=(--op fprop,dgrad,wgrad --batch 32 --warmup-ms 10 --min-samples 5
              --max-samples 30 --max-time-per-case 0.15)
     for suite in r50 vgg16; do
@@ -123,7 +151,7 @@ fi
 
 # ---- SUMMARY.md and summary.json from what the steps left behind ------------------------------
 # (outside the budget: it always runs, and the budget kept 15 s for it)
-timeout -k 5 30 "$PY" - "$OUT" "$DRY" > "$OUT/summary.log" 2>&1 <<'PYEOF'
+timeout -k 5 30 "$PY" - "$WORK" "$DRY" > "$WORK/summary.log" 2>&1 <<'PYEOF'
 import glob, json, os, subprocess, sys, xml.etree.ElementTree as ET
 
 out, dry = sys.argv[1], sys.argv[2] == "1"
@@ -188,17 +216,21 @@ else:
     if len(junit["failed"]) > 40:
         L.append(f"- ... and {len(junit['failed']) - 40} more (pytest-gpu.xml)")
 L += ["", "## gpuconv-bench", ""]
+head = list(L)
 for b in benches:
     L.append(f"### {b['file']}: " + (b["error"] if "error" in b else
              f"{b['rows']} rows, {b['ok']} ok, {b['not_ok']} WRONG/ERROR"))
+    head.append(L[-1])
     md = os.path.join(out, b["file"][:-5] + ".md")
     if os.path.exists(md):
         L += ["", open(md).read().rstrip(), ""]
 open(os.path.join(out, "SUMMARY.md"), "w").write("\n".join(L) + "\n")
-print("\n".join(L[:12 + len(steps)]))
+print("\n".join(head))  # the device tool shows the end of stdout: no bench tables here
 PYEOF
 rc=$?
-cat "$OUT/summary.log"
-echo "== summary: rc $rc" | tee -a "$OUT/steps.log"
+cat "$WORK/summary.log"
+echo "== summary: rc $rc" | tee -a "$WORK/steps.log"
 echo "first contact done in $(( $(date +%s) - START )) s; summary: $OUT/SUMMARY.md" \
-    | tee -a "$OUT/steps.log"
+    | tee -a "$WORK/steps.log"
+publish
+rm -rf "$WORK"
