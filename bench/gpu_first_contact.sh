@@ -2,7 +2,8 @@
 # One prepared device run: everything a session with a GPU must do, in one call, within 8 minutes
 # on an H200, every output under OUTDIR.
 #
-#   bench/gpu_first_contact.sh "$OUT"            on the GPU machine, from the repository root
+#   GPUCONV_COMMIT=<sha> bench/gpu_first_contact.sh "$OUT"   on the GPU machine, from the repo
+#                                                root (its copy of the tree has no .git)
 #   bench/gpu_first_contact.sh --dry-run OUTDIR  the same steps on the CPU backends (CI runs it)
 #
 # Steps (each under `timeout`, each continuing after a failure of the ones before; the rc and
@@ -45,7 +46,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpuconv-first-contact.XXXXXX") || exit 2
 KEEP=(SUMMARY.md summary.json steps.log doctor.json pytest-gpu.xml)
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/gpuconv-cupy-cache}"
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python}
+# the GPU machine's `python3` is the one with PyTorch and CuPy
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${GPUCONV_FIRST_CONTACT_BUDGET:-470}
 START=$(date +%s)
 : > "$WORK/steps.tsv"
@@ -119,8 +121,7 @@ bench_step() {
 
 if [ "$DRY" = 1 ]; then
     step install 60 "$PY" -m pip install --dry-run --no-deps --no-build-isolation -e .
-    resolve
-    importable
+    resolve   # (no kernels link here: this is the developer's own checkout)
     step doctor 120 "${DOCTOR[@]}" --bench --json "$WORK/doctor.json"
     step pytest 120 "$PY" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider \
         --junitxml "$WORK/pytest-gpu.xml"
@@ -163,8 +164,16 @@ except (OSError, ValueError) as e:
     doc = {"error": f"doctor.json unreadable: {e}"}
 env = doc.get("environment", {})
 device = env.get("device0") or ("none (dry run on the CPU)" if dry else "none found")
-commit = env.get("commit") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                             text=True).stdout.strip()
+# the device gets a copy of the tree without .git: the caller passes the commit along
+commit = (env.get("commit") or os.environ.get("GPUCONV_COMMIT")
+          or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+          or "unknown (no .git here; run with GPUCONV_COMMIT=$(git rev-parse HEAD))")
+try:
+    from gpuconv.autotune import kernel_source_hash
+    kernels = kernel_source_hash()[:16]
+except Exception as e:
+    kernels = f"unknown ({type(e).__name__}: {e})"
 junit = {}
 try:
     root = ET.parse(os.path.join(out, "pytest-gpu.xml")).getroot()
@@ -187,6 +196,7 @@ for path in sorted(glob.glob(os.path.join(out, "bench-*.json"))):
     benches.append({"file": os.path.basename(path), "rows": len(st),
                     "ok": st.count("ok"), "not_ok": len(st) - st.count("ok")})
 summary = {"dry_run": dry, "device": device, "date": doc.get("date"), "commit": commit,
+           "kernel_source_hash": kernels,
            "steps": [{"step": s[0], "rc": s[1], "seconds": int(s[2]), "timeout": int(s[3])}
                      for s in steps],
            "doctor": {"status": doc.get("status"), "sweep": doc.get("sweep_counts"),
@@ -196,6 +206,7 @@ json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 
 L = ["# gpuconv first contact" + (" (dry run, CPU backends)" if dry else ""), "",
      f"- device: {device}", f"- date: {doc.get('date')}", f"- commit: {commit}",
+     f"- kernel sources: sha256 {kernels}... (gpuconv.autotune.kernel_source_hash)",
      f"- driver {env.get('driver')}, CUDA runtime {env.get('cuda_runtime')}, NVRTC "
      f"{env.get('nvrtc')}, CuPy {env.get('cupy')}, PyTorch {env.get('torch')}", "",
      "## Steps", "", "| step | rc | seconds | timeout |", "| --- | --- | --- | --- |"]

@@ -298,3 +298,26 @@ def test_sweep_skips_an_unavailable_dtype(monkeypatch):
     rows = dr.sweep(dr.Target("t", np, reg, ("float32", "bfloat16")), TINY_SHAPES[:1])
     assert {r["status"] for r in rows if r["dtype"] == "bfloat16"} == {"SKIP"}
     assert {r["status"] for r in rows if r["dtype"] == "float32"} == {"PASS"}
+
+
+def test_sweep_syncs_and_poisons_around_every_call():
+    """Each call runs inside the target's allocation hook (NaN-filling on CuPy) and is followed
+    by a sync, so an asynchronous kernel fault is charged to the algorithm that caused it."""
+    import contextlib
+    events = []
+
+    @contextlib.contextmanager
+    def allocations():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    def algo(p, x, dy):
+        events.append("call")
+        return GOOD["wgrad"](p, x, dy)
+
+    target = dr.Target("t", np, {"wgrad": {"a": algo}}, ("float32",),
+                       sync=lambda: events.append("sync"), allocations=allocations)
+    rows = dr.sweep(target, TINY_SHAPES)
+    assert [r["status"] for r in rows] == ["PASS"] * len(TINY_SHAPES)
+    assert events == ["enter", "call", "sync", "exit"] * len(TINY_SHAPES)
