@@ -46,11 +46,12 @@ SCHEMA = "gpuconv-doctor/1"
 
 
 def kernel_catalogue():
-    """[(file, name expressions, get_kernel)] for every kernel the CUDA engine can launch.
-
-    The one place the doctor learns the kernel list; point it at gpuconv.cuda's catalogue once
-    that exists."""
+    """[(file, name expressions, get_kernel)] for every kernel the CUDA engine can launch: the
+    one place the doctor learns the kernel list. gpuconv.cuda.catalogue() where it exists (one
+    list of both generations, one loader); else the two generations' own lists and loaders."""
     from . import cuda
+    if hasattr(cuda, "catalogue"):
+        return [(f, tuple(names), cuda.get_kernel) for f, names, *_ in cuda.catalogue()]
     from .engines import cuda_igemm
     return ([(f, tuple(names), cuda.get_kernel) for f, names in cuda.KERNELS]
             + [(f, tuple(names), cuda_igemm.get_kernel) for f, names in cuda_igemm.IGEMM_KERNELS])
