@@ -670,8 +670,8 @@ def main(argv=None, out=None):
         _say(out, f"\nwrote {args.json}")
     verdict = (f"gpuconv-doctor: {'FAIL' if fail else 'ok'} ({len(fail)} failures, "
                f"{doc['seconds']:.1f} s; {'CUDA' if doc['cuda']['usable'] else 'CPU only'})")
-    for f in fail[:20]:
-        _say(out, "  " + f[:300])
+    for f in fail[:20]:  # also under --quiet: the verdict's reasons
+        print("  " + f[:300], flush=True)
     print(verdict, flush=True)
     return 1 if fail else 0
 
