@@ -31,6 +31,7 @@ setup(
         "console_scripts": [
             "gpuconv-train=gpuconv.train:main",
             "gpuconv-bench=gpuconv.benchmark.cli:main",
+            "gpuconv-doctor=gpuconv.doctor:main",
         ],
     },
 )
