@@ -46,15 +46,10 @@ SCHEMA = "gpuconv-doctor/1"
 
 
 def kernel_catalogue():
-    """[(file, name expressions, get_kernel)] for every kernel the CUDA engine can launch: the
-    one place the doctor learns the kernel list. gpuconv.cuda.catalogue() where it exists (one
-    list of both generations, one loader); else the two generations' own lists and loaders."""
+    """[(file, name expressions, get_kernel)] for every kernel the CUDA engine can launch (both
+    generations, gpuconv.cuda.catalogue()): the one place the doctor learns the kernel list."""
     from . import cuda
-    if hasattr(cuda, "catalogue"):
-        return [(f, tuple(names), cuda.get_kernel) for f, names, *_ in cuda.catalogue()]
-    from .engines import cuda_igemm
-    return ([(f, tuple(names), cuda.get_kernel) for f, names in cuda.KERNELS]
-            + [(f, tuple(names), cuda_igemm.get_kernel) for f, names in cuda_igemm.IGEMM_KERNELS])
+    return [(f, tuple(names), cuda.get_kernel) for f, names, _structs in cuda.catalogue()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,24 +172,26 @@ def compare(out, ref, key):
 
 @contextlib.contextmanager
 def nan_filled_allocations(cupy):
-    """Inside the block every new CuPy allocation starts as all-ones bytes (NaN in float16,
-    bfloat16, float32 and float64), so an output element no kernel writes reads back as NaN.
-    Unlike freeing a NaN block and hoping the pool hands it out again, this cannot miss."""
-    pool = cupy.get_default_memory_pool()
+    """Inside the block every new CuPy allocation comes from a pool of its own, filled with 0xFF
+    bytes (NaN in float16, bfloat16, float32 and float64), so an output element no kernel writes
+    reads back as NaN. Unlike freeing a NaN block and hoping the pool hands it out again, this
+    cannot miss. The previous allocator is restored afterwards."""
+    old = cupy.cuda.get_allocator()
+    pool = cupy.cuda.MemoryPool()
 
     def alloc(nbytes):
         mem = pool.malloc(nbytes)
         if nbytes:
-            cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, nbytes,
-                                          cupy.cuda.get_current_stream().ptr)
+            mem.memset_async(0xFF, nbytes)
         return mem
 
-    old = cupy.cuda.get_allocator()
     cupy.cuda.set_allocator(alloc)
     try:
         yield
     finally:
+        cupy.cuda.Device().synchronize()
         cupy.cuda.set_allocator(old)
+        pool.free_all_blocks()
 
 
 @contextlib.contextmanager

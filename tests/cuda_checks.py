@@ -15,8 +15,6 @@ bf16 cases skip with that reason.
 """
 from __future__ import annotations
 
-import contextlib
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,6 +22,8 @@ import numpy as np
 import pytest
 
 from gpuconv import ConvProblem, PoolProblem
+from gpuconv.doctor import nan_filled_allocations as nan_filled_memory  # noqa: F401
+from gpuconv.doctor import stable_seed as seed_of  # noqa: F401
 from gpuconv.engines import numpy_engine as ref
 
 try:
@@ -46,36 +46,8 @@ def dtype(name):
     return np.dtype(name)
 
 
-def seed_of(*parts) -> int:
-    """A seed that is the same in every process (hash() of a str is salted per process)."""
-    return zlib.crc32(repr(parts).encode())
-
-
 def tol(dt):
     return TOL[np.dtype(dt).name]
-
-
-@contextlib.contextmanager
-def nan_filled_memory(cp):
-    """Every CuPy allocation inside the block comes filled with 0xFF bytes (NaN in every float
-    dtype), from a pool of its own; the previous allocator is restored afterwards. An output
-    element a kernel forgets to write then reads as NaN, whatever the pool held before."""
-    old = cp.cuda.get_allocator()
-    pool = cp.cuda.MemoryPool()
-
-    def alloc(nbytes):
-        mem = pool.malloc(nbytes)
-        if nbytes:
-            mem.memset_async(0xFF, nbytes)
-        return mem
-
-    cp.cuda.set_allocator(alloc)
-    try:
-        yield
-    finally:
-        cp.cuda.Device().synchronize()
-        cp.cuda.set_allocator(old)
-        pool.free_all_blocks()
 
 
 @dataclass
