@@ -59,6 +59,8 @@ class SGD:
 
     def step(self):
         for i, p in enumerate(self.params):
+            if not p.requires_grad:
+                continue  # frozen
             g = p.grad
             if self.weight_decay:
                 g = g + p.data.dtype.type(self.weight_decay) * p.data
