@@ -224,8 +224,11 @@ class Module:
             self._buffers[name] = value
             object.__setattr__(self, name, value)
             return
-        self._params.pop(name, None)
-        self._children.pop(name, None)
+        # a replaced Parameter or Module keeps its place (and so its state-dict position)
+        if not isinstance(value, Parameter):
+            self._params.pop(name, None)
+        if not isinstance(value, Module):
+            self._children.pop(name, None)
         if isinstance(value, Parameter):
             self._params[name] = value
         elif isinstance(value, Module):
