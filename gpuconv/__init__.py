@@ -32,7 +32,7 @@ def __dir__():
     return sorted(list(globals()) + list(_CUDA_EXPORTS))
 
 
-from . import data, device, nn, optim
+from . import data, device, nn, optim, models
 from .nn import no_grad, is_grad_enabled
 
 __version__ = "0.1.0"

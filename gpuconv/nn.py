@@ -781,15 +781,19 @@ class Flatten(Module):
 
 class Sequential(Module):
     """Layers applied in order; backward runs them in reverse. ``seq[i]``, ``seq[a:b]``,
-    ``len(seq)`` and iteration work as in PyTorch; parameters are named "<index>.<name>"."""
+    ``len(seq)`` and iteration work as in PyTorch; parameters are named "<index>.<name>", or
+    "<name>.<name>" for ``Sequential(OrderedDict([(name, layer), ...]))``."""
 
     def __init__(self, *layers):
         super().__init__()
-        for i, layer in enumerate(layers):
+        # Sequential(OrderedDict(name=layer, ...)) names the layers, as in PyTorch
+        named = layers[0].items() if len(layers) == 1 and isinstance(layers[0], OrderedDict) \
+            else ((str(i), layer) for i, layer in enumerate(layers))
+        for i, (name, layer) in enumerate(named):
             if not isinstance(layer, Module):
                 raise TypeError(f"Sequential takes Modules, got {type(layer).__name__} at "
                                 f"position {i}")
-            setattr(self, str(i), layer)
+            setattr(self, name, layer)
 
     def __len__(self):
         return len(self._children)
