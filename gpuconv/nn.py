@@ -35,7 +35,7 @@ __all__ = [
     "Parameter", "Module", "Conv2d", "MaxPool2d", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "ELU",
     "Maxout", "Linear", "Flatten", "Sequential", "CrossEntropyLoss", "save", "load",
     "no_grad", "is_grad_enabled", "ConvTranspose2d", "BatchNorm2d", "Dropout", "AvgPool2d",
-    "AdaptiveAvgPool2d", "Identity", "ModuleList", "Residual", "summary",
+    "AdaptiveAvgPool2d", "Identity", "ModuleList", "Residual", "summary", "record_outputs",
 ]
 
 
@@ -1217,6 +1217,38 @@ class Residual(Module):
 # ---------------------------------------------------------------------------------------------
 # summary
 # ---------------------------------------------------------------------------------------------
+def record_outputs(model, x, select=None):
+    """Runs ``model(x)`` in eval mode under no_grad and returns, for each leaf module that
+    ``select(name, module)`` accepts (all when None), in call order, a dict with its
+    ``name``, ``module``, ``input_shape`` and ``output`` array. The model's modes, pending
+    training forwards and running statistics are left as they were."""
+    leaves = [(n, m) for n, m in model.named_modules()
+              if not m._children and (select is None or select(n, m))]
+    records = []
+
+    def recorder(name, m, forward):
+        def run(*args):
+            y = forward(*args)
+            records.append({"name": name or type(m).__name__, "module": m,
+                            "input_shape": tuple(args[0].shape), "output": y})
+            return y
+        return run
+
+    modes = {id(m): m.training for m in model.modules()}
+    try:
+        for name, m in leaves:
+            object.__setattr__(m, "forward", recorder(name, m, m.forward))
+        model.eval()  # keeps pending training forwards; no_grad adds none
+        with no_grad():
+            model(x)
+    finally:
+        for _, m in leaves:
+            m.__dict__.pop("forward", None)
+        for m in model.modules():
+            object.__setattr__(m, "training", modes[id(m)])
+    return records
+
+
 def summary(model, input_shape, file=None):
     """Prints, for each leaf layer of `model` run on an input of `input_shape` (batch
     included), its output shape, parameter count and FLOPs (multiply-adds x 2, from
@@ -1232,32 +1264,12 @@ def summary(model, input_shape, file=None):
     device = device_of(params[0].data) if params else "cpu"
     x = to_device(np.zeros(tuple(int(s) for s in input_shape), dtype), device)
     rows = []
-    leaves = [(n, m) for n, m in model.named_modules() if not m._children]
-
-    def recorder(name, m, forward):
-        def run(*args):
-            y = forward(*args)
-            flops = m._flops(args[0].shape) if hasattr(m, "_flops") else 0
-            rows.append({"name": name or type(m).__name__, "type": type(m).__name__,
-                         "output_shape": tuple(y.shape),
-                         "params": sum(p.data.size for p in m._params.values()
-                                       if p is not None),
-                         "flops": int(flops)})
-            return y
-        return run
-
-    modes = {id(m): m.training for m in model.modules()}
-    try:
-        for name, m in leaves:
-            object.__setattr__(m, "forward", recorder(name, m, m.forward))
-        model.eval()
-        with no_grad():
-            model(x)
-    finally:
-        for _, m in leaves:
-            m.__dict__.pop("forward", None)
-        for m in model.modules():
-            object.__setattr__(m, "training", modes[id(m)])
+    for r in record_outputs(model, x):
+        m = r["module"]
+        rows.append({"name": r["name"], "type": type(m).__name__,
+                     "output_shape": tuple(r["output"].shape),
+                     "params": sum(p.data.size for p in m._params.values() if p is not None),
+                     "flops": int(m._flops(r["input_shape"])) if hasattr(m, "_flops") else 0})
     width = max([len(r["name"]) for r in rows] + [5])
     print(f"{'layer':<{width}}  {'type':<18} {'output shape':<20} {'params':>10} "
           f"{'FLOPs':>14}", file=out)

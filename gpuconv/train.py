@@ -396,7 +396,8 @@ def main(argv=None):
     written = []
     if args.viz:
         from . import viz
-        written = viz.write_all(model, split, history, args.viz, args.device)
+        y_pred = predict(model, split.x_test.astype(args.dtype), args.device)
+        written = viz.write_all(model, split, history, args.viz, y_pred)
     acc = history[-1]["test_acc"]
     n_test = len(split.y_test)
     print(f"test accuracy {100 * acc:.2f}% ({round(acc * n_test)}/{n_test}) after "
