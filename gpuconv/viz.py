@@ -34,6 +34,7 @@ N_IMAGES = 3      # test images whose feature maps are drawn
 N_CHANNELS = 8    # channels drawn per feature-map row
 N_UNITS = 8       # second-layer units whose top patches are drawn
 N_TOP = 9
+GAP_COLOUR = (0.25, 0.45, 0.8)  # between tiles
 
 
 def _figure(kind):
@@ -54,13 +55,15 @@ def _unit(a):
 
 def _mosaic(tiles, rows, cols):
     """Tiles (each (h, w) or (h, w, 3), values in [0, 1], None for an empty cell) on a grid
-    with one-pixel white gaps: one image for one imshow, since a figure of hundreds of small
-    axes takes seconds to draw."""
+    with one-pixel gaps in GAP_COLOUR (no gray value, so tiles stay apart): one image for one
+    imshow, since a figure of hundreds of small axes takes seconds to draw."""
     shapes = [t.shape for t in tiles if t is not None]
     h = max(s[0] for s in shapes)
     w = max(s[1] for s in shapes)
     extra = shapes[0][2:]
-    out = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1) + extra)
+    out = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1) + extra, np.nan)
+    if extra:
+        out[...] = GAP_COLOUR
     for i, t in enumerate(tiles):
         if t is not None:
             r, c = divmod(i, cols)
@@ -69,8 +72,10 @@ def _mosaic(tiles, rows, cols):
 
 
 def _show(fig, a, rect=(0.02, 0.02, 0.96, 0.86)):
+    import matplotlib
     ax = fig.add_axes(rect)
-    ax.imshow(a, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad=GAP_COLOUR)
+    ax.imshow(a, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     return ax
