@@ -86,6 +86,26 @@ def _uniform(rng, bound, shape, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
+def _channels(in_channels, out_channels, groups):
+    C = _positive_int(in_channels, "in_channels")
+    K = _positive_int(out_channels, "out_channels")
+    g = _positive_int(groups, "groups")
+    if C % g:
+        raise ValueError(f"in_channels ({C}) must be divisible by groups ({g})")
+    if K % g:
+        raise ValueError(f"out_channels ({K}) must be divisible by groups ({g})")
+    return C, K, g
+
+
+def _init_weight_and_bias(layer, rng, fan_in, weight_shape, n_out, bias, dtype):
+    """PyTorch's default: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), weight first."""
+    dtype = _float_dtype(dtype)
+    rng = _rng(rng)
+    bound = 1.0 / math.sqrt(fan_in)
+    layer.weight = Parameter(_uniform(rng, bound, weight_shape, dtype))
+    layer.bias = Parameter(_uniform(rng, bound, (n_out,), dtype)) if bias else None
+
+
 # ---------------------------------------------------------------------------------------------
 # gradient mode: gc.no_grad()
 # ---------------------------------------------------------------------------------------------
@@ -514,13 +534,7 @@ class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, dtype=np.float32, *, rng=None):
         super().__init__()
-        C = _positive_int(in_channels, "in_channels")
-        K = _positive_int(out_channels, "out_channels")
-        g = _positive_int(groups, "groups")
-        if C % g:
-            raise ValueError(f"in_channels ({C}) must be divisible by groups ({g})")
-        if K % g:
-            raise ValueError(f"out_channels ({K}) must be divisible by groups ({g})")
+        C, K, g = _channels(in_channels, out_channels, groups)
         R, S = _pair(kernel_size, "kernel_size")
         dil = _pair(dilation, "dilation")
         # ConvProblem owns the validation of stride/padding/dilation: build one on the smallest
@@ -530,11 +544,7 @@ class Conv2d(Module):
         self.in_channels, self.out_channels, self.groups = C, K, g
         self.kernel_size = (R, S)
         self.stride, self.padding, self.dilation = stride, padding, dilation
-        dtype = _float_dtype(dtype)
-        rng = _rng(rng)
-        bound = 1.0 / math.sqrt(C // g * R * S)  # fan_in = Cg * R * S
-        self.weight = Parameter(_uniform(rng, bound, (K, C // g, R, S), dtype))
-        self.bias = Parameter(_uniform(rng, bound, (K,), dtype)) if bias else None
+        _init_weight_and_bias(self, rng, C // g * R * S, (K, C // g, R, S), K, bias, dtype)
 
     def _args(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
@@ -570,12 +580,9 @@ class Linear(Module):
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features")
         self.out_features = _positive_int(out_features, "out_features")
-        dtype = _float_dtype(dtype)
-        rng = _rng(rng)
-        bound = 1.0 / math.sqrt(self.in_features)
-        self.weight = Parameter(_uniform(rng, bound, (self.out_features, self.in_features),
-                                         dtype))
-        self.bias = Parameter(_uniform(rng, bound, (self.out_features,), dtype)) if bias else None
+        _init_weight_and_bias(self, rng, self.in_features,
+                              (self.out_features, self.in_features), self.out_features, bias,
+                              dtype)
 
     def forward(self, x):
         # The functional layer's checks (type, dtype, device) are reused; matmul would otherwise
@@ -779,7 +786,22 @@ class Flatten(Module):
         return grad_output.reshape(x_shape)
 
 
-class Sequential(Module):
+class _ModuleSequence:
+    """len(), iteration and indexing (a slice gives a new container of the same type) over
+    a module's children, for Sequential and ModuleList."""
+
+    def __len__(self):
+        return len(self._children)
+
+    def __iter__(self):
+        return iter(self._children.values())
+
+    def __getitem__(self, index):
+        items = list(self._children.values())
+        return self._from_list(items[index]) if isinstance(index, slice) else items[index]
+
+
+class Sequential(_ModuleSequence, Module):
     """Layers applied in order; backward runs them in reverse. ``seq[i]``, ``seq[a:b]``,
     ``len(seq)`` and iteration work as in PyTorch; parameters are named "<index>.<name>", or
     "<name>.<name>" for ``Sequential(OrderedDict([(name, layer), ...]))``."""
@@ -795,17 +817,9 @@ class Sequential(Module):
                                 f"position {i}")
             setattr(self, name, layer)
 
-    def __len__(self):
-        return len(self._children)
-
-    def __iter__(self):
-        return iter(self._children.values())
-
-    def __getitem__(self, index):
-        layers = list(self._children.values())
-        if isinstance(index, slice):
-            return Sequential(*layers[index])
-        return layers[index]
+    @classmethod
+    def _from_list(cls, layers):
+        return cls(*layers)
 
     def forward(self, x):
         for layer in self:
@@ -894,11 +908,7 @@ class ConvTranspose2d(Module):
                  output_padding=0, groups=1, bias=True, dilation=1, dtype=np.float32, *,
                  rng=None):
         super().__init__()
-        C = _positive_int(in_channels, "in_channels")
-        K = _positive_int(out_channels, "out_channels")
-        g = _positive_int(groups, "groups")
-        if K % g:
-            raise ValueError(f"out_channels ({K}) must be divisible by groups ({g})")
+        C, K, g = _channels(in_channels, out_channels, groups)
         R, S = _pair(kernel_size, "kernel_size")
         ph, pw = _pair(padding, "padding", allow_zero=True) if not isinstance(padding, str) \
             else (0, 0)
@@ -907,11 +917,8 @@ class ConvTranspose2d(Module):
         # the functional op owns the validation: run it on an input every padding fits
         F._transpose_problem((1, C, 2 * ph + 1, 2 * pw + 1), (C, K // g, R, S), **self.args)
         self.in_channels, self.out_channels, self.kernel_size = C, K, (R, S)
-        dtype = _float_dtype(dtype)
-        rng = _rng(rng)
-        bound = 1.0 / math.sqrt(K // g * R * S)
-        self.weight = Parameter(_uniform(rng, bound, (C, K // g, R, S), dtype))
-        self.bias = Parameter(_uniform(rng, bound, (K,), dtype)) if bias else None
+        # torch takes fan_in from the weight's second axis: out_channels / groups here
+        _init_weight_and_bias(self, rng, K // g * R * S, (C, K // g, R, S), K, bias, dtype)
 
     def forward(self, x):
         b = self.bias.data if self.bias is not None else None
@@ -1145,7 +1152,7 @@ class Identity(Module):
 # ---------------------------------------------------------------------------------------------
 # containers for networks that are not a plain chain
 # ---------------------------------------------------------------------------------------------
-class ModuleList(Module):
+class ModuleList(_ModuleSequence, Module):
     """A list of Modules whose parameters are registered (named "<index>.<name>"); a plain
     Python list attribute would hide them from parameters() and the optimiser. It has no
     forward: the owner decides how its entries are applied."""
@@ -1165,15 +1172,7 @@ class ModuleList(Module):
             self.append(m)
         return self
 
-    def __len__(self):
-        return len(self._children)
-
-    def __iter__(self):
-        return iter(self._children.values())
-
-    def __getitem__(self, index):
-        items = list(self._children.values())
-        return ModuleList(items[index]) if isinstance(index, slice) else items[index]
+    _from_list = classmethod(lambda cls, layers: cls(layers))
 
     def __setitem__(self, index, module):
         if not isinstance(module, Module):

@@ -1,5 +1,6 @@
 """gpuconv.optim.SGD against hand-computed updates, and gpuconv-train: training works, is
 reproducible from a seed, saves loadable parameters, and fails cleanly without CUDA."""
+import contextlib
 import io
 import math
 import os
@@ -246,6 +247,23 @@ def test_default_lenet_on_digits_reaches_98_percent():
     assert hist[-1]["test_acc"] >= 0.98
 
 
+@contextlib.contextmanager
+def interrupted_after(monkeypatch, stop_epoch):
+    """Training inside stops with KeyboardInterrupt (as if Ctrl-C'd) right after the
+    checkpoint of `stop_epoch` is written."""
+    real_save = T.save_checkpoint
+
+    def save_then_stop(path, model, opt, sched, epoch, *rest):
+        real_save(path, model, opt, sched, epoch, *rest)
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+
+
 @pytest.mark.parametrize("kwargs", [dict(model="lenet5", optim="sgd"),
                                     dict(model="resnet18", optim="adam", width=2),
                                     dict(model="lenet5", optim="adam", schedule="constant")])
@@ -253,17 +271,8 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, monkeypatch, kwargs
     split = stripes_split(96, 32)
     model_a, hist_a = run(split, epochs=3, batch_size=16, **kwargs)
     path = tmp_path / "run.ckpt"
-    real_save = T.save_checkpoint
-
-    def save_then_stop(p, model, opt, sched, epoch, *rest):
-        real_save(p, model, opt, sched, epoch, *rest)
-        if epoch == 2:
-            raise KeyboardInterrupt  # as if Ctrl-C'd after epoch 2
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(monkeypatch, 2):
         run(split, epochs=3, batch_size=16, checkpoint=str(path), **kwargs)
-    monkeypatch.setattr(T, "save_checkpoint", real_save)
     ckpt = T.load_checkpoint(str(path))
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
     model_b, hist_b = run(split, epochs=3, batch_size=16, resume=ckpt, **kwargs)
@@ -281,17 +290,8 @@ def test_cli_resume_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
     assert T.main(common) == 0
     straight = capsys.readouterr().out.strip().split(" after ")[0]
     ckpt = tmp_path / "c.npz"
-    real_save = T.save_checkpoint
-
-    def save_then_stop(p, model, opt, sched, epoch, *rest):
-        real_save(p, model, opt, sched, epoch, *rest)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(monkeypatch, 1):
         T.main(common + ["--checkpoint", str(ckpt)])
-    monkeypatch.setattr(T, "save_checkpoint", real_save)
     capsys.readouterr()
     assert T.main(["--resume", str(ckpt)]) == 0  # the checkpoint's settings, data included
     out = capsys.readouterr().out
