@@ -483,3 +483,32 @@ def test_new_layers_on_gpu_match_cpu(cp):
     np.testing.assert_allclose(gpu[1].running_var.get(), cpu[1].running_var, rtol=1e-10)
     e = cp.zeros((0, 2, 6, 6))
     assert gpu.eval()(e).shape == (0, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_functional_transpose_and_avg_pool_on_gpu_match_cpu(cp, dtype, tol):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 5, 4)).astype(dtype)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    args = (2, 1, 1, 2, 1)  # stride, padding, output_padding, groups, dilation
+    y = gc.conv_transpose2d(x, w, b, *args)
+    yg = gc.conv_transpose2d(cp.asarray(x), cp.asarray(w), cp.asarray(b), *args)
+    np.testing.assert_allclose(yg.get(), y, rtol=tol, atol=tol)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    np.testing.assert_allclose(
+        gc.conv_transpose2d_grad_input(x.shape, cp.asarray(w), cp.asarray(g), *args).get(),
+        gc.conv_transpose2d_grad_input(x.shape, w, g, *args), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        gc.conv_transpose2d_grad_weight(cp.asarray(x), w.shape, cp.asarray(g), *args).get(),
+        gc.conv_transpose2d_grad_weight(x, w.shape, g, *args), rtol=tol, atol=tol)
+    p = gc.avg_pool2d(x, 3, 2, 1, True, False)
+    np.testing.assert_allclose(gc.avg_pool2d(cp.asarray(x), 3, 2, 1, True, False).get(), p,
+                               rtol=tol, atol=tol)
+    gp = rng.standard_normal(p.shape).astype(dtype)
+    np.testing.assert_allclose(
+        gc.avg_pool2d_backward(cp.asarray(gp), x.shape, 3, 2, 1, True, False).get(),
+        gc.avg_pool2d_backward(gp, x.shape, 3, 2, 1, True, False), rtol=tol, atol=tol)
+    xn = cp.asarray(np.array([np.nan, -1.0, 2.0], dtype))
+    np.testing.assert_array_equal(gc.relu_backward(xn, cp.ones(3, dtype)).get(), [1, 0, 1])

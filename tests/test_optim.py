@@ -159,3 +159,21 @@ def test_schedule_state_dict_resumes():
         StepLR(opt, step_size=1.5)
     with pytest.raises(TypeError, match="not a gpuconv optimiser"):
         StepLR(object(), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make,kwargs", OPTIMISERS, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_optimisers_on_gpu_match_cpu(cp, make, kwargs):
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal(7)
+    grads = rng.standard_normal((6, 7))
+    cpu = trajectory(make, kwargs, grads, w0)[-1]
+    p = nn.Parameter(cp.asarray(w0))
+    opt = make([p], **kwargs)
+    for g in grads:
+        p.grad[...] = cp.asarray(g)
+        opt.step()
+    np.testing.assert_allclose(p.data.get(), cpu, rtol=1e-12, atol=1e-14)
+    other = make([nn.Parameter(cp.asarray(w0))], **kwargs)
+    other.load_state_dict(opt.state_dict())
+    assert all(isinstance(v, cp.ndarray) for v in other.state[0].values() if hasattr(v, "shape"))
