@@ -244,6 +244,12 @@ class Module:
             self._buffers[name] = value
             object.__setattr__(self, name, value)
             return
+        if isinstance(value, (list, tuple)) and not name.startswith("_") \
+                and any(isinstance(v, (Module, Parameter)) for v in value):
+            # PyTorch accepts this silently and the model then has no such parameters
+            raise TypeError(f"{type(self).__name__}.{name}: a plain {type(value).__name__} "
+                            "hides its modules' parameters from parameters(), state_dict() "
+                            "and the optimiser; use gpuconv.nn.ModuleList (or Sequential)")
         # a replaced Parameter or Module keeps its place (and so its state-dict position)
         if not isinstance(value, Parameter):
             self._params.pop(name, None)

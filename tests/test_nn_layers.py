@@ -322,9 +322,11 @@ def test_identity_and_module_list():
         def __init__(self):
             super().__init__()
             self.blocks = layers
-            self.plain = [nn.Linear(2, 2)]  # a plain list: not registered (as in torch)
+            self._view = [layers[0]]  # private names are the owner's business
 
     net = Net()
+    with pytest.raises(TypeError, match="use gpuconv.nn.ModuleList"):
+        net.plain = [nn.Linear(2, 2)]  # torch would silently register nothing
     assert [n for n, _ in net.named_parameters()] == ["blocks.0.weight", "blocks.0.bias",
                                                       "blocks.2.weight", "blocks.2.bias"]
     assert len(layers) == 3 and layers[-1].out_features == 2 and len(layers[:2]) == 2
