@@ -295,15 +295,23 @@ def _parser():
 
 
 def _writable_file(path):
-    """Why `path` cannot be written as a file, or None."""
+    """Why `path` cannot be written as a file, or None. Probed by opening it for appending
+    (which changes nothing; a file that did not exist is removed again): permission bits
+    alone say "writable" to root on a read-only file system or under /proc."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if os.path.isdir(path):
         return f"{path} is a directory"
     if not os.path.isdir(parent):
         return f"directory {parent} does not exist"
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        return f"{path} is not writable"
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        return f"{path} is not writable ({e.strerror})"
+    if not existed:
+        os.remove(path)
     return None
 
 
@@ -388,16 +396,19 @@ def main(argv=None):
                                model=args.model, optim=args.optim, width=args.width,
                                checkpoint=args.checkpoint, resume=resume,
                                data=args.mnist)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # e.g. the disk filling up under --checkpoint
         return fail(str(e))
     seconds = time.perf_counter() - t0
-    if args.save:
-        nn.save(model, args.save)
     written = []
-    if args.viz:
-        from . import viz
-        y_pred = predict(model, split.x_test.astype(args.dtype), args.device)
-        written = viz.write_all(model, split, history, args.viz, y_pred)
+    try:
+        if args.save:
+            nn.save(model, args.save)
+        if args.viz:
+            from . import viz
+            y_pred = predict(model, split.x_test.astype(args.dtype), args.device)
+            written = viz.write_all(model, split, history, args.viz, y_pred)
+    except OSError as e:
+        return fail(str(e))
     acc = history[-1]["test_acc"]
     n_test = len(split.y_test)
     print(f"test accuracy {100 * acc:.2f}% ({round(acc * n_test)}/{n_test}) after "

@@ -211,6 +211,8 @@ def bad_option_cases(tmp_path):
         (["--mnist", str(tmp_path / "nowhere")], "not a directory"),
         (["--viz", str(not_ckpt)], "--viz"),
     ]
+    if os.path.isdir("/proc/self"):  # writable by permission bits for root, yet not really
+        cases.append((["--save", "/proc/self/gpuconv.npz"], "is not writable"))
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir()
