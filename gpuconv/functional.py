@@ -10,14 +10,12 @@ Shapes (CUTLASS letters): x (N, C, H, W), weight (K, C/groups, R, S), y (N, K, P
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import numbers
 
 import numpy as np
 
-from ._arrays import array_module, check_arrays, check_shape
-from .problem import ConvProblem, PoolProblem, _pair
+from ._arrays import check_arrays, check_shape
+from .problem import ConvProblem, PoolProblem
 
 __all__ = [
     "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias",
@@ -227,6 +225,14 @@ def maxout_backward(grad_output, indices, pieces, input_shape, axis=1):
     check_shape("grad_output", grad_output, expected)
     check_shape("indices", indices, expected)
     return engine_for(xp).maxout_dgrad(grad_output, indices, pieces, axis, input_shape)
+
+
+# (imports of the sections below, kept beside them)
+import functools  # noqa: E402
+import inspect  # noqa: E402
+
+from ._arrays import array_module  # noqa: E402
+from .problem import _pair  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
