@@ -12,8 +12,12 @@ from gpuconv import nn
 
 from .test_nn import check_layer_grads, spaced
 
-torch = pytest.importorskip("torch")
-TF = torch.nn.functional
+try:  # the PyTorch comparisons run where it is installed; the other oracles everywhere
+    import torch
+    TF = torch.nn.functional
+except ImportError:
+    torch = TF = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 
 
 def t(a):
@@ -64,6 +68,7 @@ TRANSPOSE_CASES = [  # Cin, Cout, kernel, stride, padding, output_padding, group
 ]
 
 
+@needs_torch
 @pytest.mark.parametrize("Cin,Cout,k,s,p,op,g,d,H,W", TRANSPOSE_CASES)
 def test_conv_transpose2d_matches_naive_and_torch(Cin, Cout, k, s, p, op, g, d, H, W):
     rng = np.random.default_rng(0)
@@ -82,6 +87,7 @@ def test_conv_transpose2d_matches_naive_and_torch(Cin, Cout, k, s, p, op, g, d, 
     close(gc.conv_transpose2d_grad_weight(x, w.shape, G, s, p, op, g, d), wt.grad)
 
 
+@needs_torch
 @pytest.mark.parametrize("Cin,Cout,k,s,p,op,g,d,H,W", TRANSPOSE_CASES[:4])
 def test_conv_transpose_layer_gradients_and_torch(Cin, Cout, k, s, p, op, g, d, H, W):
     layer = nn.ConvTranspose2d(Cin, Cout, k, s, p, op, g, True, d, dtype=np.float64, rng=0)
@@ -101,6 +107,7 @@ def test_conv_transpose_layer_gradients_and_torch(Cin, Cout, k, s, p, op, g, d, 
     close(layer.bias.grad, theirs.bias.grad)
 
 
+@needs_torch
 def test_conv_transpose_init_is_torchs():
     layer = nn.ConvTranspose2d(6, 8, 3, groups=2, rng=0)
     assert layer.weight.shape == (6, 4, 3, 3) and layer.bias.shape == (8,)
@@ -135,6 +142,7 @@ def test_conv_transpose_bad_inputs():
 # ---------------------------------------------------------------------------------------------
 # batch normalisation
 # ---------------------------------------------------------------------------------------------
+@needs_torch
 @pytest.mark.parametrize("kwargs", [{}, dict(momentum=None), dict(affine=False),
                                     dict(track_running_stats=False), dict(eps=1e-3,
                                                                           momentum=0.3)])
@@ -173,6 +181,7 @@ def test_batchnorm_gradients_by_finite_differences():
     check_layer_grads(layer, rng.standard_normal((3, 3, 2, 3)))
 
 
+@needs_torch
 def test_batchnorm_loads_a_torch_checkpoint():
     theirs = torch.nn.BatchNorm2d(4)
     theirs.train()
@@ -224,6 +233,7 @@ def test_dropout_inverted_scaling_backward_eval_and_seed():
         nn.Dropout(1.5)
 
 
+@needs_torch
 def test_dropout_matches_torch_statistics():
     # same semantics as torch: E[y] = x, and zeros with probability p
     x = np.ones((200, 200), np.float32)
@@ -272,6 +282,7 @@ AVG_CASES = [  # kernel, stride, padding, ceil_mode, count_include_pad, H, W
 ]
 
 
+@needs_torch
 @pytest.mark.parametrize("k,s,p,ceil,cip,H,W", AVG_CASES)
 def test_avg_pool_matches_naive_torch_and_finite_differences(k, s, p, ceil, cip, H, W):
     x = np.random.default_rng(0).standard_normal((2, 3, H, W))
@@ -295,6 +306,7 @@ def test_avg_pool_float32_and_errors():
         gc.avg_pool2d(np.zeros((2, 2)), 2)
 
 
+@needs_torch
 @pytest.mark.parametrize("size,H,W", [(1, 7, 10), ((2, 3), 7, 10), ((3, None), 7, 10),
                                       (5, 7, 10), ((4, 4), 4, 4)])
 def test_adaptive_avg_pool_matches_torch(size, H, W):
@@ -378,6 +390,7 @@ EMPTY_LAYERS = [
 ]
 
 
+@needs_torch
 @pytest.mark.parametrize("ours,theirs,shape", EMPTY_LAYERS)
 def test_batch_of_zero_flows_through_every_layer(ours, theirs, shape):
     layer, ref = ours(), theirs().double()
@@ -392,6 +405,7 @@ def test_batch_of_zero_flows_through_every_layer(ours, theirs, shape):
         assert p.grad.shape == p.shape and not p.grad.any()
 
 
+@needs_torch
 def test_batch_of_zero_in_the_functional_ops_and_the_loss():
     x0, w = np.zeros((0, 3, 6, 6)), np.ones((4, 3, 3, 3))
     assert gc.conv2d(x0, w, np.ones(4)).shape == (0, 4, 4, 4)
@@ -426,6 +440,7 @@ def test_activations_on_0d_arrays_return_0d_arrays_and_chain():
         assert layer(x).shape == () and layer.backward(g).shape == ()
 
 
+@needs_torch
 @pytest.mark.parametrize("name,ours,alpha", [("relu", nn.ReLU, None), ("elu", nn.ELU, 1.0),
                                              ("elu", nn.ELU, 0.5),
                                              ("leaky_relu", nn.LeakyReLU, 0.1)])
