@@ -6,7 +6,10 @@ Every layer is a :class:`Module`::
     dx = layer.backward(dy)    # returns dL/dx and ADDS dL/dparam into each param.grad
 
 Gradients accumulate (``+=``) across backward calls, as in PyTorch, so call ``zero_grad()``
-between optimiser steps. The math is done by :mod:`gpuconv.functional`, or by array methods
+between optimiser steps. A layer keeps only its last training forward: a second training
+forward before backward, or a second backward after one forward, raises RuntimeError instead of
+giving a wrong gradient; run forwards that need no backward in ``eval()`` mode or inside
+``with gpuconv.no_grad():`` (see :class:`Module`). The math is done by :mod:`gpuconv.functional`, or by array methods
 every array module has (``x @ w.T``), so a layer runs on NumPy arrays on the CPU and on CuPy
 arrays on a GPU alike; ``module.to("cuda")`` moves its parameters.
 
