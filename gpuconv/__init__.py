@@ -9,6 +9,8 @@ from .functional import (
     relu, sigmoid, tanh, elu, leaky_relu, maxout,
     relu_backward, sigmoid_backward, tanh_backward, elu_backward, leaky_relu_backward,
     maxout_backward,
+    conv_transpose2d, conv_transpose2d_grad_input, conv_transpose2d_grad_weight,
+    avg_pool2d, avg_pool2d_backward,
 )
 from .config import set_allow_tf32, get_allow_tf32, set_autotune, set_second_generation
 
@@ -30,6 +32,7 @@ def __dir__():
     return sorted(list(globals()) + list(_CUDA_EXPORTS))
 
 
-from . import data, device, nn, optim
+from . import data, device, nn, optim, models
+from .nn import no_grad, is_grad_enabled
 
 __version__ = "0.1.0"

@@ -225,3 +225,270 @@ def maxout_backward(grad_output, indices, pieces, input_shape, axis=1):
     check_shape("grad_output", grad_output, expected)
     check_shape("indices", indices, expected)
     return engine_for(xp).maxout_dgrad(grad_output, indices, pieces, axis, input_shape)
+
+
+# (imports of the sections below, kept beside them)
+import functools  # noqa: E402
+import inspect  # noqa: E402
+
+from ._arrays import array_module  # noqa: E402
+from .problem import _pair  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# transposed convolution (the "deconvolution" layer): the input gradient of a convolution, run
+# as a forward pass; its own gradients are the forward convolution and the weight gradient
+# with the roles of x and dy swapped, so no new convolution code
+# ---------------------------------------------------------------------------------------------
+def _transpose_problem(x_shape, weight_shape, stride, padding, output_padding, groups,
+                       dilation):
+    """The ConvProblem whose input gradient conv_transpose2d is: its x is the transposed
+    convolution's output (N, C_out, H_out, W_out), its weight the same (C_in, C_out/groups,
+    kH, kW) array (K = C_in), its y the transposed convolution's input -- grown by
+    ``output_padding // stride`` rows/columns of zeros where output_padding >= stride."""
+    if isinstance(padding, str):
+        raise ValueError(f"conv_transpose2d: padding must be an int or a pair, got {padding!r}")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    N, C_in, H, W = (int(s) for s in x_shape)
+    K, C_out_g, R, S = (int(s) for s in weight_shape)
+    if K != C_in:
+        raise ValueError(f"weight.shape[0] ({K}) must equal the input's channels ({C_in}): "
+                         "conv_transpose2d's weight is (in_channels, out_channels // groups, "
+                         "kH, kW)")
+    if C_in % groups:
+        raise ValueError(f"in_channels ({C_in}) must be divisible by groups ({groups})")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding", allow_zero=True)
+    dh, dw = _pair(dilation, "dilation")
+    oph, opw = _pair(output_padding, "output_padding", allow_zero=True)
+    for op_, s_, d_ in ((oph, sh, dh), (opw, sw, dw)):
+        if not (op_ < s_ or op_ < d_):  # PyTorch's rule
+            raise ValueError(f"output_padding ({oph}, {opw}) must be smaller than either "
+                             f"stride ({sh}, {sw}) or dilation ({dh}, {dw})")
+    h_out = (H - 1) * sh - 2 * ph + dh * (R - 1) + oph + 1
+    w_out = (W - 1) * sw - 2 * pw + dw * (S - 1) + opw + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"conv_transpose2d: output size would be {h_out}x{w_out} for input "
+                         f"{H}x{W}: padding {(ph, pw)} is too large")
+    return ConvProblem.from_args((N, C_out_g * groups, h_out, w_out), (K, C_out_g, R, S),
+                                 stride, padding, dilation, groups)
+
+
+def _grow(xp, a, rows, cols):
+    """`a` (N, C, H, W) with zero rows and columns appended up to (rows, cols)."""
+    if a.shape[2:] == (rows, cols):
+        return a
+    out = xp.zeros(a.shape[:2] + (rows, cols), dtype=a.dtype)
+    out[:, :, :a.shape[2], :a.shape[3]] = a
+    return out
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """The transposed convolution, ``torch.nn.functional.conv_transpose2d``.
+
+    x (N, C_in, H, W), weight (C_in, C_out // groups, kH, kW), bias (C_out,) -> y (N, C_out,
+    H_out, W_out) with ``H_out = (H - 1)*stride - 2*padding + dilation*(kH - 1) +
+    output_padding + 1``: each input pixel scatters its kernel-weighted copy into y. It is
+    ``conv2d_grad_input`` with x as the upstream gradient.
+
+    >>> import numpy as np, gpuconv as gc
+    >>> gc.conv_transpose2d(np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2))).tolist()
+    [[[[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]]]
+    """
+    xp = check_arrays([("input", x), ("weight", weight), ("bias", bias)],
+                      ndim={"input": 4, "weight": 4, "bias": 1})
+    p = _transpose_problem(x.shape, weight.shape, stride, padding, output_padding, groups,
+                           dilation)
+    if bias is not None:
+        check_shape("bias", bias, (p.C,))
+    y = engine_for(xp).conv_dgrad(p, weight, _grow(xp, x, p.P, p.Q))
+    if bias is not None:
+        y += bias.reshape(1, -1, 1, 1)
+    return y
+
+
+def conv_transpose2d_grad_input(input_shape, weight, grad_output, stride=1, padding=0,
+                                output_padding=0, groups=1, dilation=1):
+    """dL/dx of conv_transpose2d: the forward convolution of grad_output with the weight."""
+    xp = check_arrays([("weight", weight), ("grad_output", grad_output)],
+                      ndim={"weight": 4, "grad_output": 4})
+    p = _transpose_problem(input_shape, weight.shape, stride, padding, output_padding, groups,
+                           dilation)
+    check_shape("grad_output", grad_output, p.x_shape)
+    dx = engine_for(xp).conv_fprop(p, grad_output, weight, None)
+    H, W = (int(s) for s in input_shape[2:])
+    return dx if dx.shape[2:] == (H, W) else xp.ascontiguousarray(dx[:, :, :H, :W])
+
+
+def conv_transpose2d_grad_weight(input, weight_shape, grad_output, stride=1, padding=0,
+                                 output_padding=0, groups=1, dilation=1):
+    """dL/dweight of conv_transpose2d: the convolution weight gradient with the roles swapped
+    (grad_output as the convolution's input, the input as its upstream gradient)."""
+    xp = check_arrays([("input", input), ("grad_output", grad_output)],
+                      ndim={"input": 4, "grad_output": 4})
+    p = _transpose_problem(input.shape, weight_shape, stride, padding, output_padding, groups,
+                           dilation)
+    check_shape("grad_output", grad_output, p.x_shape)
+    return engine_for(xp).conv_wgrad(p, grad_output, _grow(xp, input, p.P, p.Q))
+
+
+# ---------------------------------------------------------------------------------------------
+# average pooling, written once over the array module (slices and sums run alike on NumPy
+# and CuPy; no engine kernel is warranted for a sum of R*S strided views)
+# ---------------------------------------------------------------------------------------------
+def _avg_problem(x_shape, kernel_size, stride, padding, ceil_mode):
+    # PoolProblem owns the sizes and PyTorch's ceil_mode rule; average pooling has no dilation
+    return PoolProblem.from_args(x_shape, kernel_size, stride, padding, 1, ceil_mode)
+
+
+def _avg_divisor(pp, count_include_pad):
+    """(P, Q) float64 divisor of each window, PyTorch's: with count_include_pad the window
+    clipped to the padded input, without it the window clipped to the input itself."""
+    def counts(out, size, k, s, pad):
+        start = np.arange(out) * s - pad
+        end = np.minimum(start + k, size + pad)
+        if not count_include_pad:
+            start, end = np.maximum(start, 0), np.minimum(end, size)
+        return (end - start).astype(np.float64)
+    return np.outer(counts(pp.P, pp.H, pp.R, pp.stride_h, pp.pad_h),
+                    counts(pp.Q, pp.W, pp.S, pp.stride_w, pp.pad_w))
+
+
+def _avg_taps(pp):
+    """For each window tap (r, s): the slices of the padded input it reads."""
+    return [(slice(r, r + pp.stride_h * (pp.P - 1) + 1, pp.stride_h),
+             slice(s, s + pp.stride_w * (pp.Q - 1) + 1, pp.stride_w))
+            for r in range(pp.R) for s in range(pp.S)]
+
+
+def _padded_size(pp):
+    return pp.H + pp.pad_h + pp.pad_h_end, pp.W + pp.pad_w + pp.pad_w_end
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """Mean over each window, ``torch.nn.functional.avg_pool2d`` (zero padding; the divisor
+    counts the padding when count_include_pad, and never the part of a ceil_mode window that
+    lies past the padding)."""
+    xp = check_arrays([("input", x)], ndim={"input": 4})
+    pp = _avg_problem(x.shape, kernel_size, stride, padding, ceil_mode)
+    hp, wp = _padded_size(pp)
+    xpad = xp.zeros(x.shape[:2] + (hp, wp), dtype=x.dtype)
+    xpad[:, :, pp.pad_h:pp.pad_h + pp.H, pp.pad_w:pp.pad_w + pp.W] = x
+    acc = np.float32 if x.dtype == np.float16 else x.dtype  # float16 sums in float32
+    y = xp.zeros(pp.y_shape, dtype=acc)
+    for rows, cols in _avg_taps(pp):
+        y += xpad[:, :, rows, cols]
+    y /= xp.asarray(_avg_divisor(pp, count_include_pad), dtype=acc)
+    return y.astype(x.dtype, copy=False)
+
+
+def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0,
+                        ceil_mode=False, count_include_pad=True):
+    """dL/dx of avg_pool2d: each grad_output element, divided by its window's divisor, is
+    added to every input element of the window."""
+    xp = check_arrays([("grad_output", grad_output)], ndim={"grad_output": 4})
+    pp = _avg_problem(input_shape, kernel_size, stride, padding, ceil_mode)
+    check_shape("grad_output", grad_output, pp.y_shape)
+    hp, wp = _padded_size(pp)
+    g = grad_output / xp.asarray(_avg_divisor(pp, count_include_pad), dtype=grad_output.dtype)
+    dxpad = xp.zeros(pp.x_shape[:2] + (hp, wp), dtype=grad_output.dtype)
+    for rows, cols in _avg_taps(pp):
+        dxpad[:, :, rows, cols] += g
+    return xp.ascontiguousarray(dxpad[:, :, pp.pad_h:pp.pad_h + pp.H, pp.pad_w:pp.pad_w + pp.W])
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's edge cases, applied to the ops above without touching them
+# ---------------------------------------------------------------------------------------------
+def _with_empty_batch(op, batch_args, batched_result=True):
+    """`op`, also for a batch of 0 (PyTorch allows it; ConvProblem needs N >= 1).
+
+    When every batch argument present has N == 0, `op` runs on a batch of one zero image
+    instead -- so every other argument is validated as usual -- and the result is cut to batch
+    0; a result without a batch axis (a weight gradient: a sum over no images) is then zeros,
+    which is what the zero image gives.
+    """
+    sig = inspect.signature(op)
+
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        present = [n for n in batch_args if bound.arguments.get(n) is not None]
+        shapes = [tuple(getattr(bound.arguments[n], "shape", bound.arguments[n]))
+                  for n in present]
+        if not shapes or any(len(s) == 0 or s[0] != 0 for s in shapes):
+            return op(*args, **kwargs)
+        for n, s in zip(present, shapes):
+            a = bound.arguments[n]
+            if hasattr(a, "shape"):
+                bound.arguments[n] = array_module(a).zeros((1,) + s[1:], dtype=a.dtype)
+            else:
+                bound.arguments[n] = (1,) + tuple(s[1:])
+        out = op(*bound.args, **bound.kwargs)
+        if not batched_result:
+            return out * 0  # zeros, and of the op's dtype and device
+        return tuple(o[:0] for o in out) if isinstance(out, tuple) else out[:0]
+
+    return wrapper
+
+
+conv2d = _with_empty_batch(conv2d, ("x",))
+conv2d_grad_input = _with_empty_batch(conv2d_grad_input, ("input_shape", "grad_output"))
+conv2d_grad_weight = _with_empty_batch(conv2d_grad_weight, ("input", "grad_output"),
+                                       batched_result=False)
+max_pool2d = _with_empty_batch(max_pool2d, ("x",))
+max_pool2d_backward = _with_empty_batch(max_pool2d_backward,
+                                        ("grad_output", "indices", "input_shape"))
+conv_transpose2d = _with_empty_batch(conv_transpose2d, ("x",))
+conv_transpose2d_grad_input = _with_empty_batch(conv_transpose2d_grad_input,
+                                                ("input_shape", "grad_output"))
+conv_transpose2d_grad_weight = _with_empty_batch(conv_transpose2d_grad_weight,
+                                                 ("input", "grad_output"),
+                                                 batched_result=False)
+avg_pool2d = _with_empty_batch(avg_pool2d, ("x",))
+avg_pool2d_backward = _with_empty_batch(avg_pool2d_backward, ("grad_output", "input_shape"))
+
+
+def _array_result(op):
+    """`op` returning an array for a 0-d input too (NumPy ufuncs return scalars there), so
+    activations chain on 0-d arrays as they do in PyTorch."""
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        out = op(*args, **kwargs)
+        return np.asarray(out) if isinstance(out, np.generic) else out
+    return wrapper
+
+
+def _nan_passes(x, grad_output, dx):
+    """PyTorch's relu and elu backward test ``x <= 0`` (threshold_backward, elu_backward), so
+    at a NaN input the upstream gradient passes through unchanged; the engines test ``x > 0``,
+    which gives 0 (relu) or NaN (elu) there."""
+    xp = array_module(x)
+    nan = xp.isnan(x)
+    return xp.where(nan, grad_output, dx) if nan.any() else dx
+
+
+_relu_backward_engine, _elu_backward_engine = relu_backward, elu_backward
+
+
+def relu_backward(x, grad_output):  # noqa: F811 (the engine's, with PyTorch's NaN rule)
+    """grad_output where x > 0 or x is NaN, else 0 (0 at x == 0), as PyTorch."""
+    return _nan_passes(x, grad_output, _relu_backward_engine(x, grad_output))
+
+
+def elu_backward(x, y, grad_output, alpha=1.0):  # noqa: F811
+    """From the forward input x and output y: grad_output * (y + alpha if x <= 0 else 1), as
+    PyTorch (so grad_output itself at a NaN input)."""
+    return _nan_passes(x, grad_output, _elu_backward_engine(x, y, grad_output, alpha))
+
+
+relu, leaky_relu, sigmoid, tanh, elu = (_array_result(f) for f in
+                                        (relu, leaky_relu, sigmoid, tanh, elu))
+(relu_backward, elu_backward, sigmoid_backward, tanh_backward, leaky_relu_backward) = (
+    _array_result(f) for f in (relu_backward, elu_backward, sigmoid_backward, tanh_backward,
+                               leaky_relu_backward))
+
+__all__ += ["conv_transpose2d", "conv_transpose2d_grad_input", "conv_transpose2d_grad_weight",
+            "avg_pool2d", "avg_pool2d_backward"]

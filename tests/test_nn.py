@@ -25,14 +25,16 @@ from .naive import central_difference as numeric_grad
 # ---------------------------------------------------------------------------------------------
 def check_layer_grads(layer, x, seed=0, rtol=1e-6, atol=1e-8):
     """backward() and every param.grad against finite differences of sum(layer(x) * G)."""
-    G = np.random.default_rng(seed).standard_normal(layer(x).shape)
+    with gc.no_grad():  # a forward that needs no backward
+        G = np.random.default_rng(seed).standard_normal(layer(x).shape)
     layer.zero_grad()
     layer(x)
     dx = layer.backward(G)
     assert dx.shape == x.shape and dx.dtype == x.dtype
 
     def loss():
-        return float((layer(x) * G).sum())
+        with gc.no_grad():
+            return float((layer(x) * G).sum())
 
     np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=rtol, atol=atol)
     for name, p in layer.named_parameters():
@@ -94,7 +96,8 @@ def test_linear_gradients_and_forward(bias):
     expected = np.einsum("ni,oi->no", x, layer.weight.data)  # y = x W^T + b, written out
     if bias:
         expected = expected + layer.bias.data
-    np.testing.assert_allclose(layer(x), expected, rtol=1e-12)
+    with gc.no_grad():
+        np.testing.assert_allclose(layer(x), expected, rtol=1e-12)
     check_layer_grads(layer, x)
 
 
@@ -139,7 +142,8 @@ def test_activation_forward(layer, expected):
 def test_maxout_gradients(pieces, axis, shape):
     layer = nn.Maxout(pieces, axis=axis)
     x = spaced(shape)
-    y = layer(x)
+    with gc.no_grad():
+        y = layer(x)
     ax = axis % len(shape)
     grouped = x.reshape(shape[:ax] + (shape[ax] // pieces, pieces) + shape[ax + 1:])
     np.testing.assert_array_equal(y, grouped.max(axis=ax + 1))
@@ -292,12 +296,11 @@ def test_backward_before_forward_and_in_eval_mode_raise():
             layer.backward(np.zeros((1, 1, 1, 1), np.float32))
     net = small_net()
     x = np.zeros((1, 2, 6, 6))
-    net(x)
     net.eval()
     assert not any(m.training for m in net.modules())
+    y_eval = net(x)
     with pytest.raises(RuntimeError, match="without a forward"):
         net.backward(np.zeros((1, 3)))
-    y_eval = net(x)
     net.train()
     assert all(m.training for m in net.modules())
     np.testing.assert_array_equal(net(x), y_eval)  # no dropout/batchnorm: modes agree

@@ -1,5 +1,6 @@
 """gpuconv.optim.SGD against hand-computed updates, and gpuconv-train: training works, is
 reproducible from a seed, saves loadable parameters, and fails cleanly without CUDA."""
+import contextlib
 import io
 import math
 import os
@@ -179,15 +180,133 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert T.main(["--mnist", str(tmp_path), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("gpuconv-train: error: ") and "train-images-idx3-ubyte" in err
-    assert T.main(["--lr", "-1", "--mnist", str(write_dir(tmp_path)), "--quiet"]) == 1
-    assert "lr must be > 0" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert T.main(["--quiet"]) == 1
     assert "pip install gpuconv[digits]" in capsys.readouterr().err
-    for bad in (["--epochs", "0"], ["--device", "tpu"], ["--activation", "swish"]):
+
+
+def bad_option_cases(tmp_path):
+    not_ckpt = tmp_path / "not-a-checkpoint.npz"
+    np.savez(not_ckpt, a=np.zeros(2))
+    cases = [
+        (["--lr", "nan"], "--lr must be a finite number > 0"),
+        (["--lr", "inf"], "--lr must be a finite number > 0"),
+        (["--lr", "-1"], "--lr must be a finite number > 0"),
+        (["--lr", "abc"], "invalid float value"),
+        (["--momentum", "-0.5"], "--momentum must be a finite number >= 0"),
+        (["--weight-decay", "nan"], "--weight-decay must be"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--batch-size", "-3"], "--batch-size must be >= 1"),
+        (["--width", "0"], "--width must be >= 1"),
+        (["--device", "tpu"], "'cpu', 'cuda' or 'cuda:N'"),
+        (["--activation", "swish"], "invalid choice"),
+        (["--model", "vgg"], "invalid choice"),
+        (["--optim", "lbfgs"], "invalid choice"),
+        (["--model", "resnet18", "--activation", "tanh"], "applies to --model lenet5 only"),
+        (["--save", str(tmp_path / "no" / "such" / "dir.npz")], "does not exist"),
+        (["--save", str(tmp_path)], "is a directory"),
+        (["--checkpoint", str(tmp_path / "missing" / "c.npz")], "does not exist"),
+        (["--resume", str(tmp_path / "missing.npz")], "--resume"),
+        (["--resume", str(not_ckpt)], "not a gpuconv-train checkpoint"),
+        (["--mnist", str(tmp_path / "nowhere")], "not a directory"),
+        (["--viz", str(not_ckpt)], "--viz"),
+    ]
+    if os.path.isdir("/proc/self"):  # writable by permission bits for root, yet not really
+        cases.append((["--save", "/proc/self/gpuconv.npz"], "is not writable"))
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        cases.append((["--save", str(locked / "m.npz")], "is not writable"))
+    return cases
+
+
+def test_cli_bad_option_values_exit_2_with_one_line_before_training(tmp_path, capsys):
+    for argv, message in bad_option_cases(tmp_path):
         with pytest.raises(SystemExit) as e:
-            T.main(bad)
-        assert e.value.code == 2
+            T.main(argv + ["--epochs", "1"] if "--epochs" not in argv else argv)
+        out, err = capsys.readouterr()
+        assert e.value.code == 2, argv
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gpuconv-train: error: "), (argv, err)
+        assert message in lines[0], (argv, lines[0])
+        assert out == "" and "Traceback" not in err  # nothing loaded, nothing trained
+
+
+def test_cli_bad_values_in_a_subprocess_give_no_traceback(tmp_path):
+    proc = run_cli(["--lr", "nan", "--save", str(tmp_path / "x.npz")])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# models, optimisers, checkpoints and --resume
+# ---------------------------------------------------------------------------------------------
+def test_default_lenet_on_digits_reaches_98_percent():
+    pytest.importorskip("sklearn")
+    split = D.standardize(D.load_digits())
+    _, hist = T.train(split, quiet=True)  # every default: 30 epochs, SGD, cosine
+    assert hist[-1]["test_acc"] >= 0.98
+
+
+@contextlib.contextmanager
+def interrupted_after(monkeypatch, stop_epoch):
+    """Training inside stops with KeyboardInterrupt (as if Ctrl-C'd) right after the
+    checkpoint of `stop_epoch` is written."""
+    real_save = T.save_checkpoint
+
+    def save_then_stop(path, model, opt, sched, epoch, *rest):
+        real_save(path, model, opt, sched, epoch, *rest)
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+
+
+@pytest.mark.parametrize("kwargs", [dict(model="lenet5", optim="sgd"),
+                                    dict(model="resnet18", optim="adam", width=2),
+                                    dict(model="lenet5", optim="adam", schedule="constant")])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, monkeypatch, kwargs):
+    split = stripes_split(96, 32)
+    model_a, hist_a = run(split, epochs=3, batch_size=16, **kwargs)
+    path = tmp_path / "run.ckpt"
+    with interrupted_after(monkeypatch, 2):
+        run(split, epochs=3, batch_size=16, checkpoint=str(path), **kwargs)
+    ckpt = T.load_checkpoint(str(path))
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    model_b, hist_b = run(split, epochs=3, batch_size=16, resume=ckpt, **kwargs)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(hist_b) == strip(hist_a)  # bit for bit
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    with pytest.raises(ValueError, match="other settings"):
+        run(split, epochs=4, batch_size=16, resume=ckpt, **kwargs)
+
+
+def test_cli_resume_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    d = write_dir(tmp_path)
+    common = ["--mnist", str(d), "--epochs", "3", "--batch-size", "8", "--quiet"]
+    assert T.main(common) == 0
+    straight = capsys.readouterr().out.strip().split(" after ")[0]
+    ckpt = tmp_path / "c.npz"
+    with interrupted_after(monkeypatch, 1):
+        T.main(common + ["--checkpoint", str(ckpt)])
+    capsys.readouterr()
+    assert T.main(["--resume", str(ckpt)]) == 0  # the checkpoint's settings, data included
+    out = capsys.readouterr().out
+    assert "resuming after epoch 1" in out and "epoch   2/3" in out and "epoch   1/3" not in out
+    assert out.strip().splitlines()[-1].split(" after ")[0] == straight
+
+
+def test_cli_resnet18_with_adam(tmp_path, capsys):
+    d = write_dir(tmp_path)
+    assert T.main(["--mnist", str(d), "--model", "resnet18", "--width", "2", "--optim", "adam",
+                   "--epochs", "1", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18, adam" in out and "test accuracy" in out
 
 
 def write_dir(tmp_path):
