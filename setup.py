@@ -23,8 +23,8 @@ setup(
         # wheel: the install test builds a wheel without build isolation (offline GPU machine);
         # NVRTC + the CUDA headers: tests/test_nvrtc_compile.py compiles every kernel as CuPy
         # does, with no GPU (no macOS wheels: the test skips there); ml_dtypes: the bfloat16
-        # host runs of the kernels
-        "test": ["pytest>=7", "scikit-learn>=1.3", "wheel", "ml_dtypes>=0.5",
+        # host runs of the kernels; matplotlib: gpuconv-train --viz
+        "test": ["pytest>=7", "scikit-learn>=1.3", "wheel", "ml_dtypes>=0.5", "matplotlib>=3.7",
                  "nvidia-cuda-nvrtc>=13.0,<14; platform_system != 'Darwin'",
                  "nvidia-cuda-runtime>=13.0,<14; platform_system != 'Darwin'"],
     },
