@@ -5,6 +5,7 @@ is the gradient of the mean loss over the whole batch, so after the same SGD ste
 parameters must equal those of one process trained on the whole batch. (No BatchNorm: its batch
 statistics would differ between a half and the whole batch.)
 """
+import datetime
 import os
 import socket
 
@@ -43,7 +44,9 @@ def _train(model, xs, ys):
 def _worker(rank, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a bounded timeout: a lost peer fails the test instead of hanging CI (gloo's default: 30 min)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD,
+                                         timeout=datetime.timedelta(seconds=60))
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(_model())
         xs, ys = _data()
