@@ -12,8 +12,9 @@ torch = pytest.importorskip("torch", reason="gpuconv.torch needs PyTorch (pip in
 
 import gpuconv.torch as gt  # noqa: E402
 
+from .test_torch_ops import DEVICES, exact_torch_reference  # noqa: E402,F401 (autouse fixture)
+
 nn = torch.nn
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -18,6 +18,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # PyTorch's own note on its (reference) 'same' padding with even kernels
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
+
+@pytest.fixture(autouse=True)
+def exact_torch_reference():
+    """PyTorch's cuDNN convolutions default to TF32 for float32; the reference must not."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
 # (x shape, weight shape, stride, padding, dilation, groups): stride, padding (int, pair,
 # 'same' with an even kernel = asymmetric, 'valid'), dilation, groups (depthwise too), odd sizes
 CONV_CASES = [

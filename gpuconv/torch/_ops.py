@@ -258,10 +258,10 @@ def _backward_conv2d(ctx, dy):
     return (dx, dw, db) + (None,) * len(ctx.args)
 
 
-def _setup_grad_input(ctx, inputs, output):
-    _, w, dy, *args = inputs
-    ctx.save_for_backward(w, dy)
-    ctx.args = args
+def _setup_gradient_op(ctx, inputs, output):
+    """conv2d_grad_input / _weight: keep their two tensors (the third argument is a shape)."""
+    ctx.save_for_backward(*[t for t in inputs[:3] if isinstance(t, torch.Tensor)])
+    ctx.args = inputs[3:]
 
 
 def _backward_grad_input(ctx, g):
@@ -271,12 +271,6 @@ def _backward_grad_input(ctx, g):
     gw = torch.ops.gpuconv.conv2d_grad_weight(g, w.shape, dy, *ctx.args) if need[1] else None
     gdy = torch.ops.gpuconv.conv2d(g, w, None, *ctx.args) if need[2] else None
     return (None, gw, gdy) + (None,) * len(ctx.args)
-
-
-def _setup_grad_weight(ctx, inputs, output):
-    x, _, dy, *args = inputs
-    ctx.save_for_backward(x, dy)
-    ctx.args = args
 
 
 def _backward_grad_weight(ctx, g):
@@ -289,8 +283,8 @@ def _backward_grad_weight(ctx, g):
 
 
 conv2d.register_autograd(_backward_conv2d, setup_context=_setup_conv2d)
-conv2d_grad_input.register_autograd(_backward_grad_input, setup_context=_setup_grad_input)
-conv2d_grad_weight.register_autograd(_backward_grad_weight, setup_context=_setup_grad_weight)
+conv2d_grad_input.register_autograd(_backward_grad_input, setup_context=_setup_gradient_op)
+conv2d_grad_weight.register_autograd(_backward_grad_weight, setup_context=_setup_gradient_op)
 
 
 # ---------------------------------------------------------------------------------------------
