@@ -23,7 +23,10 @@ torch.
 """
 from __future__ import annotations
 
-import torch
+try:
+    import torch
+except ImportError as e:
+    raise ImportError('gpuconv.torch needs PyTorch >= 2.4: pip install "gpuconv[torch]"') from e
 
 if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 4):
     raise ImportError(f"gpuconv.torch needs PyTorch >= 2.4 (torch.library.custom_op), found "
