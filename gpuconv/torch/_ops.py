@@ -126,12 +126,14 @@ def call_engine(fn, *tensors):
     """fn(*arrays) on the engine of the tensors' device; its array result(s) back as tensors.
 
     ``tensors`` may contain None (an absent bias) and int64 index tensors. Results keep the
-    memory the engine allocated: nothing is copied on the way back.
+    memory the engine allocated: nothing is copied on the way back (the engines return
+    C-contiguous arrays; ``.contiguous()`` only guarantees the strides the fake kernels
+    promise, which torch.compile relies on).
     """
     device = next(t.device for t in tensors if t is not None)
     if device.type == "cpu":
         out = fn(*[None if t is None else _plain(t).resolve_neg().numpy() for t in tensors])
-        return _map(out, torch.from_numpy)
+        return _map(out, lambda a: torch.from_numpy(a).contiguous())
     return _call_cuda(fn, device, tensors)
 
 
@@ -153,7 +155,7 @@ def _call_cuda(fn, device, tensors):
             cupy.cuda.ExternalStream(stream.cuda_stream, device.index), \
             cupy.cuda.using_allocator(_torch_allocator(cupy)):
         out = fn(*[None if t is None else cupy.from_dlpack(_plain(t)) for t in tensors])
-        out = _map(out, torch.from_dlpack)
+        out = _map(out, lambda a: torch.from_dlpack(a).contiguous())
     if low == torch.bfloat16:
         out = _map(out, lambda t: t.to(low) if t.is_floating_point() else t)
     return out
