@@ -17,8 +17,8 @@ setup(
         "cuda12": ["cupy-cuda12x>=14.2"],
         "cuda13": ["cupy-cuda13x>=14.2"],
         "digits": ["scikit-learn>=1.3"],
-        "plot": ["matplotlib>=3.7"],
         "torch": ["torch>=2.4"],  # gpuconv.torch (torch.library.custom_op)
+        "plot": ["matplotlib>=3.7"],
         # wheel: the install test builds a wheel without build isolation (offline GPU machine)
         "test": ["pytest>=7", "scikit-learn>=1.3", "wheel"],
     },
