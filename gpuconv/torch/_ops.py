@@ -29,9 +29,11 @@ functional API on arrays that share the tensors' memory:
   (``cupy.cuda.ExternalStream``), with every CuPy allocation of the call — outputs and workspace
   — taken from torch's caching allocator, so one memory pool serves both libraries. The CUDA
   engine makes non-contiguous inputs (channels_last included) contiguous once.
-- bfloat16 (CUDA only): CuPy has no bfloat16 array dtype, so gpuconv's public ops do not accept
-  it; the bridge converts bfloat16 operands to float32, runs the float32 kernels and rounds the
-  results to bfloat16 (float32 accumulation, one extra conversion pass each way).
+- bfloat16 (CUDA only): the bridge converts bfloat16 operands to float32, runs the float32
+  kernels and rounds the results to bfloat16 (float32 accumulation, one extra conversion pass
+  each way). Handing bfloat16 through DLPack as is needs CuPy's ml_dtypes bfloat16 on both sides
+  and gpuconv ops that accept it; that exchange has not run on a GPU yet, so the bridge keeps
+  the path whose kernels exist for certain (switching is the two bfloat16 lines of _call_cuda).
 
 Outputs are always contiguous (NCHW), whatever the input layout; the fake kernels say so.
 """
