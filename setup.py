@@ -19,6 +19,7 @@ setup(
         "cuda12": ["cupy-cuda12x[ctk]>=14.2", "ml_dtypes>=0.5"],
         "cuda13": ["cupy-cuda13x[ctk]>=14.2", "ml_dtypes>=0.5"],
         "digits": ["scikit-learn>=1.3"],
+        "torch": ["torch>=2.4"],  # gpuconv.torch (torch.library.custom_op)
         "plot": ["matplotlib>=3.7"],
         # wheel: the install test builds a wheel without build isolation (offline GPU machine);
         # NVRTC + the CUDA headers: tests/test_nvrtc_compile.py compiles every kernel as CuPy

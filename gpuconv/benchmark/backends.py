@@ -11,6 +11,10 @@ cudnn-tf32     GPU     cuDNN through PyTorch, TF32 on (float32 inputs only)
 numpy          CPU     gpuconv's NumPy engine
 torch-cpu      CPU     ``torch.nn.functional.conv2d`` / ``torch.nn.grad.conv2d_input`` /
                        ``conv2d_weight`` / ``max_pool2d`` on the CPU
+torch-bridge   CPU     gpuconv through its PyTorch custom ops (``torch.ops.gpuconv.*``, from
+                       ``gpuconv.torch``) on CPU tensors: the NumPy engine plus the bridge
+torch-bridge-  GPU     the same on CUDA tensors: the CUDA engine on torch's stream and caching
+cuda                   allocator
 =============  ======  ==========================================================================
 
 A backend that cannot run here (no GPU, no PyTorch, no CUDA engine yet, an op or dtype it lacks)
@@ -174,6 +178,13 @@ def _cpu_kit(cls):
     return _KITS["cpu"]
 
 
+def _torch_cuda_kit(cls):
+    """One TorchKit (CUDA events on torch's stream) for every backend timing torch tensors."""
+    if "torch-cuda" not in _KITS:
+        _KITS["torch-cuda"] = cls()
+    return _KITS["torch-cuda"]
+
+
 # ---------------------------------------------------------------------------------------------
 # PyTorch (CPU and cuDNN)
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +309,7 @@ class CudnnBackend(Backend):
     def prepare(self, case):
         from .timing import TorchKit
         torch = _torch()
-        if "torch-cuda" not in _KITS:
-            _KITS["torch-cuda"] = TorchKit()
+        kit = _torch_cuda_kit(TorchKit)
         sets = [{k: _to_torch(v, "cuda", case.dtype) for k, v in s.items()} for s in case.sets]
         call = torch_ops(case.op, case)
 
@@ -307,7 +317,7 @@ class CudnnBackend(Backend):
             self._flags()  # cudnn-tf32 and cudnn interleave: set the flags on every call
             with torch.no_grad():
                 return call(p, a)
-        return Runner(self, case, run, sets, _KITS["torch-cuda"], _from_torch)
+        return Runner(self, case, run, sets, kit, _from_torch)
 
     def info(self):
         torch = _torch()
@@ -538,3 +548,90 @@ def resolve(names, algos=None, cudnn_autotune=True):
         else:
             raise ValueError(f"unknown backend {raw!r}; choose from {', '.join(known_names())}")
     return ready, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# gpuconv through its PyTorch custom ops (gpuconv.torch): the bridge's cost beside its engine
+# ---------------------------------------------------------------------------------------------
+def bridge_ops(op, p):
+    """call(problem, tensors) through torch.ops.gpuconv.* for a ConvProblem/PoolProblem."""
+    torch = _torch()
+    import gpuconv.torch  # noqa: F401  (registers torch.ops.gpuconv)
+    ops = torch.ops.gpuconv
+    if op == "pool":
+        args = ([p.R, p.S], [p.stride_h, p.stride_w], [p.pad_h, p.pad_w], [p.dil_h, p.dil_w],
+                p.ceil_mode)
+        return lambda p, a: ops.max_pool2d(a["x"], *args)
+    # the ops' only asymmetric padding is PyTorch's 'same' (checked in unsupported())
+    args = ([p.stride_h, p.stride_w], [p.pad_h, p.pad_w], [p.dil_h, p.dil_w], p.groups,
+            not p.symmetric_padding)
+    if op == "fprop":
+        return lambda p, a: ops.conv2d(a["x"], a["w"], None, *args)
+    if op == "dgrad":
+        return lambda p, a: ops.conv2d_grad_input(list(p.x_shape), a["w"], a["dy"], *args)
+    if op == "wgrad":
+        return lambda p, a: ops.conv2d_grad_weight(a["x"], list(p.w_shape), a["dy"], *args)
+    raise ValueError(op)
+
+
+class TorchBridgeBackend(Backend):
+    """``torch-bridge``: CPU tensors, so the NumPy engine behind the custom op (its overhead is
+    the difference to ``numpy``); ``torch-bridge-cuda``: CUDA tensors, the CUDA engine behind
+    it, on torch's stream and allocator (compare with ``cuda:*`` and ``cudnn``)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.name = "torch-bridge" if device == "cpu" else "torch-bridge-cuda"
+        engine = "NumPy engine" if device == "cpu" else "CUDA engine"
+        self.description = (f"gpuconv's {engine} through its PyTorch custom ops "
+                            f"(torch.ops.gpuconv.*) on {device} tensors")
+
+    def unsupported(self, op, dtype, problem=None):
+        allowed = ("float32", "float64") if self.device == "cpu" else DTYPES
+        if dtype not in allowed:
+            return f"gpuconv.torch runs {', '.join(allowed)} on {self.device} tensors"
+        if problem is not None and op != "pool" and not problem.symmetric_padding:
+            from ..problem import ConvProblem
+            same = ConvProblem.from_args(problem.x_shape, problem.w_shape, 1, "same",
+                                         (problem.dil_h, problem.dil_w), problem.groups)
+            if (problem.stride_h, problem.stride_w) != (1, 1) or same != problem:
+                return "asymmetric padding other than PyTorch's padding='same'"
+        return None
+
+    def prepare(self, case):
+        from .timing import CpuKit, TorchKit
+        torch = _torch()
+        sets = [{k: _to_torch(v, self.device, case.dtype) for k, v in s.items()}
+                for s in case.sets]
+        call = bridge_ops(case.op, case.problem)
+
+        def run(p, a):
+            with torch.no_grad():
+                return call(p, a)
+        kit = _cpu_kit(CpuKit) if self.device == "cpu" else _torch_cuda_kit(TorchKit)
+        return Runner(self, case, run, sets, kit, _from_torch)
+
+    def info(self):
+        d = super().info()
+        d["torch_threads"] = _torch().get_num_threads()
+        return d
+
+    def workspace_bytes(self, runner):
+        if self.device == "cpu":  # the NumPy engine's buffers, as for the numpy backend
+            return NumpyBackend.workspace_bytes(self, runner)
+        # every CuPy allocation of the call comes from torch's caching allocator
+        return CudnnBackend.workspace_bytes(self, runner)
+
+
+def _bridge_factory(device):
+    def make():
+        reason = _torch_reason() or (torch_cuda_reason() or cuda_reason()
+                                     if device == "cuda" else None)
+        if reason:
+            raise RuntimeError(reason)
+        return TorchBridgeBackend(device)
+    return make
+
+
+register("torch-bridge", _bridge_factory("cpu"))
+register("torch-bridge-cuda", _bridge_factory("cuda"))
