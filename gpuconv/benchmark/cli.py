@@ -5,6 +5,7 @@
     gpuconv-bench --layer 'r50.l3.*' --backend cuda,cudnn --algo im2col_gemm
     gpuconv-bench --shape 32,64,56,56,64,3,3,1,1 --op all
     gpuconv-bench compare before.json after.json --threshold 0.05
+    gpuconv-bench train --model mnist-cnn,lenet5 --threads 2   (whole training steps)
     gpuconv-bench plot run.json run.png
     gpuconv-bench markdown run.json      (the run as Markdown tables, for bench/NOTES.md)
     gpuconv-bench --list
@@ -312,6 +313,9 @@ def main(argv=None):
         return compare_mod.main(argv[1:])
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
+    if argv[:1] == ["train"]:
+        from . import train_step
+        return train_step.main(argv[1:])
     if argv[:1] == ["markdown"]:
         if len(argv) != 2:
             print("usage: gpuconv-bench markdown RUN.json", file=sys.stderr)

@@ -246,6 +246,23 @@ def sample(runners: dict, n_sets: int, settings: TimingSettings, estimates=None)
     return out
 
 
+# A result whose interquartile range is over this fraction of its median is flagged unstable (the
+# table marks its IQR with '!', the JSON says "unstable": true, the plot draws its error bar red)
+# and never counts as meeting a speed target.
+UNSTABLE_IQR = 0.25
+
+
+def iqr_fraction(st):
+    """(q3 - q1) / median of a stats() dict, or None when it has no samples."""
+    med = st.get("median_s")
+    return (st["q3_s"] - st["q1_s"]) / med if med else None
+
+
+def unstable(st):
+    frac = iqr_fraction(st)
+    return frac is not None and frac > UNSTABLE_IQR
+
+
 def stats(samples) -> dict:
     """Median and spread of a list of seconds (IQR, min, max)."""
     a = np.asarray(samples, dtype=np.float64)
