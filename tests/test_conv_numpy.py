@@ -245,3 +245,24 @@ def test_release_workspace_frees_the_buffers_and_results_stay_right():
     numpy_engine.release_workspace()
     assert not getattr(numpy_engine._tls, "bufs", None)
     np.testing.assert_array_equal(gc.conv2d(x, w, padding=1), y0)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kw", [
+    ((2, 2, 7, 6), (5, 2, 3, 3), dict(padding=1)),
+    ((1, 3, 9, 8), (4, 3, 3, 3), dict(padding=2, dilation=2)),
+    ((2, 1, 6, 9), (3, 1, 3, 5), dict(padding=(1, 2))),
+    ((1, 2, 5, 6), (4, 2, 4, 2), dict(padding="same")),       # asymmetric 'same' padding
+    ((2, 2, 1, 7), (3, 2, 1, 3), dict(padding=(0, 1))),       # one row: every flat shift wraps
+    ((1, 4, 6, 6), (6, 2, 3, 3), dict(padding=1, groups=2)),
+])
+def test_stride1_same_size_dgrad_flat_shift_gather(x_shape, w_shape, kw, monkeypatch):
+    """Stride 1 with dx as large as dy gathers the channel-first taps as shifted adds over
+    flattened planes, zeroing the columns a shift would wrap: checked against naive loops,
+    with the path proven taken."""
+    from gpuconv.engines import numpy_engine
+    taken = []
+    real = numpy_engine._gather_flat_shifts
+    monkeypatch.setattr(numpy_engine, "_gather_flat_shifts",
+                        lambda *a: taken.append(1) or real(*a))
+    _assert_matches_naive(x_shape, w_shape, kw, seed=15, ops=("dgrad",))
+    assert taken

@@ -338,6 +338,8 @@ def _dgrad_channel_first(p, w, dy, ph_h, ph_w, dx):
     dcol = _scratch("col", (p.N, p.groups, p.Cg * p.R * p.S, p.P * p.Q), dy.dtype)
     np.matmul(wt, dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q), out=dcol)
     dcol = dcol.reshape(p.N, p.C, p.R, p.S, p.P, p.Q)
+    if p.stride_h == p.stride_w == 1 and (p.P, p.Q) == (p.H, p.W):
+        return _gather_flat_shifts(p, dcol, dx)
     for h0, n_i, taps_h in ph_h:
         for w0, n_j, taps_w in ph_w:
             acc = dx[:, :, h0::p.stride_h, w0::p.stride_w]  # (N, C, I, J) view
@@ -348,6 +350,30 @@ def _dgrad_channel_first(p, w, dy, ph_h, ph_w, dx):
                     if i0 < i1 and j0 < j1:
                         acc[:, :, i0:i1, j0:j1] += dcol[:, :, r, s, oh + i0:oh + i1,
                                                         ow + j0:ow + j1]
+    return dx
+
+
+def _gather_flat_shifts(p, dcol, dx):
+    """Stride 1, dx planes as large as dy's ('same' padding): dx[h, w] += dcol[r, s][h + ah,
+    w + aw] with ah = pad_h - r*dil_h, aw = pad_w - s*dil_w, as one shifted add per tap over
+    flattened planes (rows of H*W elements instead of W: 9 adds over 64x32x14x14 take 1.5 ms
+    against 6 ms as 4-D slices). A flat shift by ah*W + aw wraps a row's end into the next row;
+    the source columns that wrap are exactly those this tap never uses (j < aw, or j >= W + aw),
+    so they are zeroed first (dcol is scratch) and the wrap adds zeros."""
+    hw = p.H * p.W
+    acc = dx.reshape(p.N * p.C, hw)
+    for r in range(p.R):
+        for s in range(p.S):
+            ah, aw = p.pad_h - r * p.dil_h, p.pad_w - s * p.dil_w
+            src = dcol[:, :, r, s]  # (N, C, H, W)
+            if aw > 0:
+                src[..., :aw] = 0
+            elif aw < 0:
+                src[..., p.W + aw:] = 0
+            d = ah * p.W + aw
+            lo, hi = max(0, -d), min(hw, hw - d)
+            if lo < hi:
+                acc[:, lo:hi] += src.reshape(p.N * p.C, hw)[:, lo + d:hi + d]
     return dx
 
 
@@ -408,7 +434,8 @@ def pool_fprop(pp: PoolProblem, x):
                s * pp.dil_w:s * pp.dil_w + pp.stride_w * (pp.Q - 1) + 1:pp.stride_w]
             for r in range(pp.R) for s in range(pp.S)]
     y = taps[0].copy()
-    k = np.zeros(y.shape, np.int16 if len(taps) < 1 << 15 else np.int64)
+    k = np.zeros(y.shape, np.int8 if len(taps) < 1 << 7 else
+                 np.int16 if len(taps) < 1 << 15 else np.int64)
     won = np.empty(y.shape, bool)
     tk = np.empty_like(k)
     has_nan = bool(np.isnan(x).any())
@@ -416,20 +443,27 @@ def pool_fprop(pp: PoolProblem, x):
         np.greater(v, y, out=won)
         if has_nan:
             won |= np.isnan(v) & ~np.isnan(y)
-        np.maximum(k, np.multiply(won, t, out=tk), out=k)
+        np.maximum(k, np.multiply(won, k.dtype.type(t), out=tk), out=k)  # typed t: 10x faster
         np.maximum(y, v, out=y)
-    # input index = window origin + the winning tap's offset
+    # input index = window origin + the winning tap's offset, (k // S)*dil_h*W + (k % S)*dil_w,
+    # computed from the narrow k (a table lookup offset[k] with int16 k took 3 ms on 64x32x14x14
+    # outputs, this arithmetic 0.4 ms)
     origin = ((np.arange(pp.P) * pp.stride_h - pp.pad_h) * pp.W)[:, None] \
         + (np.arange(pp.Q) * pp.stride_w - pp.pad_w)[None, :]
-    offset = np.array([r * pp.dil_h * pp.W + s * pp.dil_w for r in range(pp.R)
-                       for s in range(pp.S)], np.int64)
-    idx = offset[k] + origin
+    if pp.S & (pp.S - 1) == 0:  # a power of two (2x2 pools): shift and mask, 4x faster
+        shift = k.dtype.type(pp.S.bit_length() - 1)
+        kr, ks = np.right_shift(k, shift), np.bitwise_and(k, k.dtype.type(pp.S - 1))
+    else:
+        kr, ks = np.divmod(k, k.dtype.type(pp.S))
+    idx = np.multiply(kr, pp.dil_h * pp.W, dtype=np.int64)
+    idx += np.multiply(ks, pp.dil_w, dtype=np.int64) if pp.dil_w != 1 else ks
+    idx += origin
     padded = pp.pad_h or pp.pad_w or pp.pad_h_end or pp.pad_w_end
     if padded and np.isneginf(y).any():
         # A window whose real elements are all -inf may have picked a padding position: like
         # PyTorch, credit the first in-bounds element of the window instead.
-        hh = (np.arange(pp.P) * pp.stride_h - pp.pad_h)[:, None] + (k // pp.S) * pp.dil_h
-        ww = (np.arange(pp.Q) * pp.stride_w - pp.pad_w)[None, :] + (k % pp.S) * pp.dil_w
+        hh = (np.arange(pp.P) * pp.stride_h - pp.pad_h)[:, None] + kr.astype(np.int64) * pp.dil_h
+        ww = (np.arange(pp.Q) * pp.stride_w - pp.pad_w)[None, :] + ks.astype(np.int64) * pp.dil_w
         outside = (hh < 0) | (hh >= pp.H) | (ww < 0) | (ww >= pp.W)
         h_first = _first_inside(np.arange(pp.P) * pp.stride_h - pp.pad_h, pp.dil_h)
         w_first = _first_inside(np.arange(pp.Q) * pp.stride_w - pp.pad_w, pp.dil_w)
@@ -443,10 +477,20 @@ def _first_inside(start, dil):
 
 
 def pool_dgrad(pp: PoolProblem, dy, idx):
-    """Gather-free on the CPU: a deterministic histogram of dy onto the argmax positions."""
+    """Each dy element onto its window's argmax position.
+
+    Windows that cannot overlap (stride >= the dilated window, as in every 2x2/2 pool) send at
+    most one dy element to an input position: a plain scatter into zeros (1.0 vs 1.9 ms for
+    64x32x28x28). Overlapping windows sum their contributions: a deterministic float64
+    histogram (np.bincount), rounded once.
+    """
     nc = pp.N * pp.C
     plane = pp.H * pp.W
     flat = (idx.reshape(nc, -1) + (np.arange(nc) * plane)[:, None]).ravel()
+    if pp.stride_h > pp.dil_h * (pp.R - 1) and pp.stride_w > pp.dil_w * (pp.S - 1):
+        dx = np.zeros(nc * plane, dy.dtype)
+        dx[flat] = dy.reshape(-1)
+        return dx.reshape(pp.x_shape)
     dx = np.bincount(flat, weights=dy.reshape(-1).astype(np.float64), minlength=nc * plane)
     return dx.astype(dy.dtype).reshape(pp.x_shape)
 
@@ -474,7 +518,14 @@ def act_dgrad(kind, x, y, dy, alpha=None):
     """dx from the forward input x, output y and upstream dy (PyTorch's choice at kinks)."""
     t = x.dtype.type
     if kind == "relu":
-        return np.where(x > 0, dy, t(0))
+        # dy * (x > 0): a multiply by the bool mask runs ~12x faster than np.where here (0.4
+        # vs 5.8 ms on 64x32x28x28 float32). Only a non-finite dy where x <= 0 would differ
+        # (inf * 0 = NaN where PyTorch gives 0), so that rare case takes np.where.
+        with np.errstate(invalid="ignore"):
+            dx = np.multiply(dy, np.greater(x, 0), dtype=dy.dtype)
+        if not np.isfinite(dx).all():
+            dx = np.where(x > 0, dy, t(0))
+        return dx
     if kind == "leaky_relu":
         return np.where(x > 0, dy, dy * t(alpha))
     if kind == "sigmoid":
