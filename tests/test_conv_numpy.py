@@ -266,3 +266,13 @@ def test_stride1_same_size_dgrad_flat_shift_gather(x_shape, w_shape, kw, monkeyp
                         lambda *a: taken.append(1) or real(*a))
     _assert_matches_naive(x_shape, w_shape, kw, seed=15, ops=("dgrad",))
     assert taken
+
+
+@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
+@pytest.mark.parametrize("rows", [0, 10 ** 6])
+def test_both_wgrad_orders_match_naive(case, rows, monkeypatch):
+    """wgrad as one GEMM over N*P*Q (rows=0) and as per-image GEMMs summed (every problem)."""
+    from gpuconv.engines import numpy_engine
+    monkeypatch.setattr(numpy_engine, "SMALL_WGRAD_ROWS", rows)
+    _, x_shape, w_shape, kw = case
+    _assert_matches_naive(x_shape, w_shape, kw, seed=16, ops=("wgrad",))

@@ -23,6 +23,7 @@ SCRATCH_KEEP_BYTES = 256 << 20
 # 32 would need 3.7 GB). Module attribute, so users and tests can change it.
 WORKSPACE_BYTES = 512 << 20
 SMALL_IM2COL = 1 << 18  # elements; below this im2col is one strided copy instead of one per tap
+SMALL_WGRAD_ROWS = 32  # Cg*R*S up to this: wgrad as per-image GEMMs summed (see _wgrad)
 _tls = threading.local()
 
 
@@ -226,6 +227,15 @@ def _wgrad(p: ConvProblem, x, dy):
         dyg = dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q)
         dw = np.matmul(dyg, xs.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, Kg, Cg)
         return dw.reshape(p.w_shape)
+    if p.Cg * p.R * p.S <= SMALL_WGRAD_ROWS:
+        # Few column-matrix rows (a C = 1 first layer): one small GEMM per image and group,
+        # dy_n (Kg x P*Q) @ col_n^T, summed over the images in a fixed order. No transposed copy
+        # of dy, and BLAS is not stuck with a (Cg*R*S x Kg) output over an N*P*Q-long reduction:
+        # MNIST's conv(1->32, 3x3) at batch 64, 0.50 vs 2.4 ms; LeNet's conv(1->6, 5x5) 0.18 vs
+        # 0.7 ms. With 150 rows (LeNet's second layer) the single GEMM is 2x faster again.
+        col = _im2col(p, x).reshape(p.groups, p.Cg * p.R * p.S, p.N, p.P * p.Q)
+        part = np.matmul(dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q), col.transpose(2, 0, 3, 1))
+        return part.sum(axis=0).reshape(p.w_shape)  # (G, Kg, Cg*R*S)
     # dy as (G, Kg, N*P*Q), the same column order as _im2col
     dy_t = _scratch("dy_t", (p.groups, p.Kg, p.N, p.P * p.Q), dy.dtype)
     dy_t[...] = dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q).transpose(1, 2, 0, 3)
