@@ -276,3 +276,41 @@ def test_both_wgrad_orders_match_naive(case, rows, monkeypatch):
     monkeypatch.setattr(numpy_engine, "SMALL_WGRAD_ROWS", rows)
     _, x_shape, w_shape, kw = case
     _assert_matches_naive(x_shape, w_shape, kw, seed=16, ops=("wgrad",))
+
+
+def test_wgrad_reuses_the_fprop_column_matrix_only_when_still_valid(monkeypatch):
+    """The last fprop's column matrix serves the same layer's wgrad, but never after the input
+    changed in place, for another input of the same shape, or once another op took the buffer."""
+    from gpuconv.engines import numpy_engine
+    rng = np.random.default_rng(17)
+    x_shape, w_shape, kw = (2, 3, 9, 8), (4, 3, 3, 3), dict(padding=1)
+    p = _problem(x_shape, w_shape, kw)
+    x, w, _ = _data(rng, x_shape, w_shape)
+    x2 = rng.standard_normal(x_shape)
+    dy = rng.standard_normal(p.y_shape)
+    expanded = []
+    real = numpy_engine._im2col
+    monkeypatch.setattr(numpy_engine, "_im2col", lambda *a: expanded.append(1) or real(*a))
+
+    def wgrad_after(fprop_input, wgrad_input, between=None):
+        gc.conv2d(fprop_input, w, **kw)
+        if between:
+            between()
+        expanded.clear()
+        got = gc.conv2d_grad_weight(wgrad_input, w_shape, dy, **kw)
+        np.testing.assert_allclose(got, naive.conv_wgrad(p, wgrad_input, dy), rtol=1e-12,
+                                   atol=1e-12)
+        return len(expanded)
+
+    assert wgrad_after(x, x) == 0                       # reused
+    assert wgrad_after(x2, x) == 1                      # another input of the same shape
+    xm = x.copy()
+    assert wgrad_after(xm, xm, lambda: xm.__setitem__((0, 0, 0, 0), 5.0)) == 1  # changed
+    assert wgrad_after(x, x, lambda: gc.conv2d_grad_input(x_shape, w, dy, **kw)) == 1
+    for small in (0, 10 ** 6):  # both wgrad orders reuse it
+        monkeypatch.setattr(numpy_engine, "SMALL_WGRAD_ROWS", small)
+        assert wgrad_after(x, x) == 0
+    numpy_engine.release_workspace()
+    expanded.clear()
+    gc.conv2d_grad_weight(x, w_shape, dy, **kw)
+    assert len(expanded) == 1
