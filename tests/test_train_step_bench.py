@@ -74,7 +74,8 @@ def _row(g_samples, t_samples):
         row[side] = dict(st, unstable=timing.unstable(st))
     row["ratio"] = row["gpuconv-numpy"]["median_s"] / row["torch-cpu"]["median_s"]
     row["ratio_min"] = row["gpuconv-numpy"]["min_s"] / row["torch-cpu"]["min_s"]
-    row["unstable"] = row["gpuconv-numpy"]["unstable"] or row["torch-cpu"]["unstable"]
+    row["unstable"] = row["gpuconv-numpy"]["unstable"] or row["torch-cpu"]["unstable"] \
+        or timing.ratios_disagree(row["ratio"], row["ratio_min"])
     return row
 
 
@@ -82,9 +83,14 @@ def test_verdict_refuses_unstable_data():
     steady = [1.0, 1.01, 0.99, 1.02, 1.0]
     assert ts.verdict(_row(steady, steady), 1.5) == "met"
     assert ts.verdict(_row([2 * s for s in steady], steady), 1.5) == "NOT met"
-    # the median is fine but the minimum ratio is not: not met either
-    assert ts.verdict(_row([0.5, 1.0, 1.0, 1.0, 1.0], [0.2, 1.0, 1.0, 1.0, 1.0]), 1.5) \
-        == "NOT met"
+    # both ratios over the limit and agreeing: not met
+    assert ts.verdict(_row([1.5, 1.6, 1.6, 1.6, 1.6], [1.0] * 5), 1.5) == "NOT met"
+    # steady samples, but the median and minimum ratios disagree (0.5 vs 1.0 here, as when one
+    # side's whole run was slowed by another tenant): not evidence either way
+    row = _row([0.5, 0.5, 0.5, 0.5, 0.5], [0.5, 1.0, 1.0, 1.0, 1.0])
+    assert not row["gpuconv-numpy"]["unstable"] and not row["torch-cpu"]["unstable"]
+    assert ts.verdict(row, 1.5).startswith("unstable")
+    assert timing.ratios_disagree(0.88, 0.16) and not timing.ratios_disagree(1.2, 1.1)
     # a wildly spread reference (IQR ~ 100%) makes any ratio meaningless: never 'met'
     wild = [0.3, 0.5, 1.0, 1.5, 3.0]
     row = _row(steady, wild)

@@ -231,7 +231,9 @@ def _derive(rows, settings, roofs):
             r = next(x for x in rows if x["backend"] == ref)
             row["ratio_lo"] = row["q1_s"] / r["q3_s"]
             row["ratio_hi"] = row["q3_s"] / r["q1_s"]
-            row["ratio_unstable"] = bool(row.get("unstable") or r.get("unstable"))
+            row["ratio_unstable"] = bool(row.get("unstable") or r.get("unstable")
+                                         or timing.ratios_disagree(row["ratio"],
+                                                                   row["ratio_min"]))
 
 
 def release_memory():

@@ -281,6 +281,15 @@ def unstable(st):
     return frac is not None and frac > UNSTABLE_IQR
 
 
+def ratios_disagree(ratio, ratio_min, limit=UNSTABLE_IQR):
+    """True when the ratio of medians and the ratio of minimum times differ by more than
+    `limit` (25%): one side's samples were shifted by interference the other escaped, so
+    neither ratio is evidence (seen on a loaded machine: medians 0.88, minima 0.16)."""
+    if not ratio or not ratio_min:
+        return False
+    return abs(math.log(ratio / ratio_min)) > math.log1p(limit)
+
+
 def stats(samples) -> dict:
     """Median and spread of a list of seconds (IQR, min, max)."""
     a = np.asarray(samples, dtype=np.float64)

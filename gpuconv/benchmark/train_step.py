@@ -297,7 +297,8 @@ def run_model(model_name, batch, settings, n_batches=4, profile_steps=5, seed=0)
     mins = {n: row[n]["min_s"] for n in sides}
     row["ratio"] = med[g.name] / med["torch-cpu"]
     row["ratio_min"] = mins[g.name] / mins["torch-cpu"]
-    row["unstable"] = any(row[n]["unstable"] for n in sides)
+    row["unstable"] = any(row[n]["unstable"] for n in sides) \
+        or timing.ratios_disagree(row["ratio"], row["ratio_min"])
     if profile_steps:
         row["profile"] = {}
         for n, s in sides.items():
@@ -312,7 +313,8 @@ def verdict(row, limit):
     if row["status"] != "ok":
         return row["status"]
     if row["unstable"]:
-        return "unstable (IQR > %d%%): not judged" % round(100 * timing.UNSTABLE_IQR)
+        return ("unstable (IQR or median/min ratio gap > %d%%): not judged"
+                % round(100 * timing.UNSTABLE_IQR))
     ok = row["ratio"] <= limit and row["ratio_min"] <= limit
     return "met" if ok else "NOT met"
 
