@@ -85,8 +85,8 @@ def plot(doc, path):
     ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     ax2.set_xticklabels(cases, rotation=75, ha="right", fontsize=7)
     ax2.set(ylabel="time / reference time (lower is faster)",
-            title="ratio to the reference backend per layer (bars: quartile spread; "
-                  "red, hatched: IQR > 25%, unstable)")
+            title="ratio to the reference per layer\n(error bars: quartiles; red, hatched: "
+                  "unstable, IQR > 25%)")
     if series:
         ax2.legend(fontsize=8)
     gpu = (doc.get("machine") or {}).get("gpu") or {}
