@@ -303,17 +303,18 @@ STEADY = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0]
 
 
 def test_target_met_only_on_stable_data():
-    scaled = lambda k, s: [k * v for v in s]  # noqa: E731
-    t, rows = _verdict({"a": {"numpy": scaled(1.2, STEADY), "torch-cpu": STEADY},
-                        "b": {"numpy": scaled(1.1, STEADY), "torch-cpu": STEADY}})
+    limit = suites.SUITE_TARGETS["cpu-target"][2]
+    scaled = lambda k, s: [k * limit * v for v in s]  # noqa: E731
+    t, rows = _verdict({"a": {"numpy": scaled(0.95, STEADY), "torch-cpu": STEADY},
+                        "b": {"numpy": scaled(0.9, STEADY), "torch-cpu": STEADY}})
     assert t["met"] and t["verdict"] == "met" and not t["unstable_layers"]
     assert not any(r["unstable"] for r in rows)
     # the same medians, but the reference of one layer swings 0.2x..5x (IQR >> 25%): the
     # geomean would pass, and the summary must refuse to call it met
     wild = [0.2, 0.5, 1.0, 1.0, 2.0, 5.0]
-    t, rows = _verdict({"a": {"numpy": scaled(1.2, STEADY), "torch-cpu": wild},
-                        "b": {"numpy": scaled(1.1, STEADY), "torch-cpu": STEADY}})
-    assert t["geomean"] <= 1.5 and not t["met"]
+    t, rows = _verdict({"a": {"numpy": scaled(0.95, STEADY), "torch-cpu": wild},
+                        "b": {"numpy": scaled(0.9, STEADY), "torch-cpu": STEADY}})
+    assert t["geomean"] <= limit and not t["met"]
     assert t["unstable_layers"] == ["a"] and t["verdict"].startswith("UNSTABLE")
     flagged = [r for r in rows if r["unstable"]]
     assert [(r["layer"], r["backend"]) for r in flagged] == [("a", "torch-cpu")]
@@ -321,8 +322,11 @@ def test_target_met_only_on_stable_data():
     assert numpy_a["ratio_unstable"] and numpy_a["ratio_lo"] < numpy_a["ratio"] \
         < numpy_a["ratio_hi"]
     # medians pass but minimum times do not: not met
-    t, _ = _verdict({"a": {"numpy": [0.8] + [1.2] * 5, "torch-cpu": [0.2] + [1.0] * 5}})
-    assert t["geomean"] <= 1.5 and t["geomean_min"] > 1.5 and not t["met"]
+    t, _ = _verdict({"a": {"numpy": [0.8] + [limit] * 5, "torch-cpu": [0.2] + [1.0] * 5}})
+    assert t["geomean"] <= limit and t["geomean_min"] > limit and not t["met"]
+    # steady, agreeing and over the limit: NOT met
+    t, _ = _verdict({"a": {"numpy": scaled(1.1, STEADY), "torch-cpu": STEADY}})
+    assert t["verdict"] == "NOT met" and not t["met"]
 
 
 def test_unstable_results_are_marked_in_table_and_markdown():
