@@ -254,11 +254,14 @@ def test_release_workspace_frees_the_buffers_and_results_stay_right():
     ((1, 2, 5, 6), (4, 2, 4, 2), dict(padding="same")),       # asymmetric 'same' padding
     ((2, 2, 1, 7), (3, 2, 1, 3), dict(padding=(0, 1))),       # one row: every flat shift wraps
     ((1, 4, 6, 6), (6, 2, 3, 3), dict(padding=1, groups=2)),
+    ((2, 2, 14, 14), (5, 2, 5, 5), dict()),                   # 'valid': dy rows padded 10 -> 14
+    ((1, 2, 9, 12), (4, 2, 2, 3), dict(padding=(1, 0))),      # taller dy, narrower rows
+    ((1, 2, 8, 9), (3, 2, 3, 3), dict(padding=(0, 1), dilation=(2, 1))),
 ])
 def test_stride1_same_size_dgrad_flat_shift_gather(x_shape, w_shape, kw, monkeypatch):
-    """Stride 1 with dx as large as dy gathers the channel-first taps as shifted adds over
-    flattened planes, zeroing the columns a shift would wrap: checked against naive loops,
-    with the path proven taken."""
+    """Stride 1 with dx rows as wide as dy's, or up to 1.5x wider (dy rows zero-padded), gathers
+    the channel-first taps as shifted adds over flattened planes, zeroing the columns a shift
+    would wrap: checked against naive loops, with the path proven taken."""
     from gpuconv.engines import numpy_engine
     taken = []
     real = numpy_engine._gather_flat_shifts
