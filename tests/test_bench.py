@@ -270,3 +270,75 @@ def test_gpu_backends_check_and_time(tmp_path):
     assert rc == 0, [r for r in doc["results"] if r["status"] != "ok"]
     assert {r["device"] for r in doc["results"]} == {"cuda"}
     assert all(r["n"] >= 3 for r in doc["results"])
+
+
+def _timed_rows(samples_by_layer):
+    """Rows as run_case leaves them, from injected samples {layer: {backend: [seconds]}}."""
+    from gpuconv.benchmark import runner
+    rows = []
+    for layer, per_backend in samples_by_layer.items():
+        case_rows = []
+        for backend, s in per_backend.items():
+            st = timing.stats(s)
+            case_rows.append(dict(suite="cpu-target", layer=layer, op="fprop", dtype="float32",
+                                  backend=backend, device="cpu", flops=1e6, bytes=1e3,
+                                  tol_key="float32", count_in_net=1, status="ok", **st,
+                                  iqr_frac=timing.iqr_fraction(st),
+                                  unstable=timing.unstable(st)))
+        runner._derive(case_rows, runner.RunSettings(("fprop",), ("float32",), 1,
+                                                     timing.TimingSettings()), {})
+        rows += case_rows
+    return rows
+
+
+def _verdict(samples_by_layer):
+    from gpuconv.benchmark import report, runner
+    rows = _timed_rows(samples_by_layer)
+    summary = runner.summarize(rows, {"cpu-target": list(samples_by_layer)})
+    (t,) = report.target_checks(summary, suites.SUITE_TARGETS)
+    return t, rows
+
+
+STEADY = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0]
+
+
+def test_target_met_only_on_stable_data():
+    limit = suites.SUITE_TARGETS["cpu-target"][2]
+    scaled = lambda k, s: [k * limit * v for v in s]  # noqa: E731
+    t, rows = _verdict({"a": {"numpy": scaled(0.95, STEADY), "torch-cpu": STEADY},
+                        "b": {"numpy": scaled(0.9, STEADY), "torch-cpu": STEADY}})
+    assert t["met"] and t["verdict"] == "met" and not t["unstable_layers"]
+    assert not any(r["unstable"] for r in rows)
+    # the same medians, but the reference of one layer swings 0.2x..5x (IQR >> 25%): the
+    # geomean would pass, and the summary must refuse to call it met
+    wild = [0.2, 0.5, 1.0, 1.0, 2.0, 5.0]
+    t, rows = _verdict({"a": {"numpy": scaled(0.95, STEADY), "torch-cpu": wild},
+                        "b": {"numpy": scaled(0.9, STEADY), "torch-cpu": STEADY}})
+    assert t["geomean"] <= limit and not t["met"]
+    assert t["unstable_layers"] == ["a"] and t["verdict"].startswith("UNSTABLE")
+    flagged = [r for r in rows if r["unstable"]]
+    assert [(r["layer"], r["backend"]) for r in flagged] == [("a", "torch-cpu")]
+    numpy_a = next(r for r in rows if (r["layer"], r["backend"]) == ("a", "numpy"))
+    assert numpy_a["ratio_unstable"] and numpy_a["ratio_lo"] < numpy_a["ratio"] \
+        < numpy_a["ratio_hi"]
+    # medians pass but minimum times do not: not met
+    t, _ = _verdict({"a": {"numpy": [0.8] + [limit] * 5, "torch-cpu": [0.2] + [1.0] * 5}})
+    assert t["geomean"] <= limit and t["geomean_min"] > limit and not t["met"]
+    # steady, agreeing and over the limit: NOT met
+    t, _ = _verdict({"a": {"numpy": scaled(1.1, STEADY), "torch-cpu": STEADY}})
+    assert t["verdict"] == "NOT met" and not t["met"]
+
+
+def test_unstable_results_are_marked_in_table_and_markdown():
+    from gpuconv.benchmark import report, runner
+    rows = _timed_rows({"a": {"numpy": STEADY, "torch-cpu": [0.2, 0.5, 1.0, 1.0, 2.0, 5.0]}})
+    for r in rows:
+        r.update(problem="p", rel_err=0.0, input_sets=1)
+    text = "\n".join(report.case_block(rows))
+    assert "UNSTABLE" in text and text.count("%!") == 1
+    summary = runner.summarize(rows, {"cpu-target": ["a"]})
+    doc = {"machine": {"cpu": "x", "cpu_count": 2}, "settings": {}, "versions": {}, "date": "d",
+           "commit": "c", "command": "gpuconv-bench", "results": rows, "summary": summary,
+           "targets": report.target_checks(summary, suites.SUITE_TARGETS)}
+    md = report.markdown(doc)
+    assert "%!)" in md and "UNSTABLE" in md

@@ -245,3 +245,75 @@ def test_release_workspace_frees_the_buffers_and_results_stay_right():
     numpy_engine.release_workspace()
     assert not getattr(numpy_engine._tls, "bufs", None)
     np.testing.assert_array_equal(gc.conv2d(x, w, padding=1), y0)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kw", [
+    ((2, 2, 7, 6), (5, 2, 3, 3), dict(padding=1)),
+    ((1, 3, 9, 8), (4, 3, 3, 3), dict(padding=2, dilation=2)),
+    ((2, 1, 6, 9), (3, 1, 3, 5), dict(padding=(1, 2))),
+    ((1, 2, 5, 6), (4, 2, 4, 2), dict(padding="same")),       # asymmetric 'same' padding
+    ((2, 2, 1, 7), (3, 2, 1, 3), dict(padding=(0, 1))),       # one row: every flat shift wraps
+    ((1, 4, 6, 6), (6, 2, 3, 3), dict(padding=1, groups=2)),
+    ((2, 2, 14, 14), (5, 2, 5, 5), dict()),                   # 'valid': dy rows padded 10 -> 14
+    ((1, 2, 9, 12), (4, 2, 2, 3), dict(padding=(1, 0))),      # taller dy, narrower rows
+    ((1, 2, 8, 9), (3, 2, 3, 3), dict(padding=(0, 1), dilation=(2, 1))),
+])
+def test_stride1_same_size_dgrad_flat_shift_gather(x_shape, w_shape, kw, monkeypatch):
+    """Stride 1 with dx rows as wide as dy's, or up to 1.5x wider (dy rows zero-padded), gathers
+    the channel-first taps as shifted adds over flattened planes, zeroing the columns a shift
+    would wrap: checked against naive loops, with the path proven taken."""
+    from gpuconv.engines import numpy_engine
+    taken = []
+    real = numpy_engine._gather_flat_shifts
+    monkeypatch.setattr(numpy_engine, "_gather_flat_shifts",
+                        lambda *a: taken.append(1) or real(*a))
+    _assert_matches_naive(x_shape, w_shape, kw, seed=15, ops=("dgrad",))
+    assert taken
+
+
+@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
+@pytest.mark.parametrize("rows", [0, 10 ** 6])
+def test_both_wgrad_orders_match_naive(case, rows, monkeypatch):
+    """wgrad as one GEMM over N*P*Q (rows=0) and as per-image GEMMs summed (every problem)."""
+    from gpuconv.engines import numpy_engine
+    monkeypatch.setattr(numpy_engine, "SMALL_WGRAD_ROWS", rows)
+    _, x_shape, w_shape, kw = case
+    _assert_matches_naive(x_shape, w_shape, kw, seed=16, ops=("wgrad",))
+
+
+def test_wgrad_reuses_the_fprop_column_matrix_only_when_still_valid(monkeypatch):
+    """The last fprop's column matrix serves the same layer's wgrad, but never after the input
+    changed in place, for another input of the same shape, or once another op took the buffer."""
+    from gpuconv.engines import numpy_engine
+    rng = np.random.default_rng(17)
+    x_shape, w_shape, kw = (2, 3, 9, 8), (4, 3, 3, 3), dict(padding=1)
+    p = _problem(x_shape, w_shape, kw)
+    x, w, _ = _data(rng, x_shape, w_shape)
+    x2 = rng.standard_normal(x_shape)
+    dy = rng.standard_normal(p.y_shape)
+    expanded = []
+    real = numpy_engine._im2col
+    monkeypatch.setattr(numpy_engine, "_im2col", lambda *a: expanded.append(1) or real(*a))
+
+    def wgrad_after(fprop_input, wgrad_input, between=None):
+        gc.conv2d(fprop_input, w, **kw)
+        if between:
+            between()
+        expanded.clear()
+        got = gc.conv2d_grad_weight(wgrad_input, w_shape, dy, **kw)
+        np.testing.assert_allclose(got, naive.conv_wgrad(p, wgrad_input, dy), rtol=1e-12,
+                                   atol=1e-12)
+        return len(expanded)
+
+    assert wgrad_after(x, x) == 0                       # reused
+    assert wgrad_after(x2, x) == 1                      # another input of the same shape
+    xm = x.copy()
+    assert wgrad_after(xm, xm, lambda: xm.__setitem__((0, 0, 0, 0), 5.0)) == 1  # changed
+    assert wgrad_after(x, x, lambda: gc.conv2d_grad_input(x_shape, w, dy, **kw)) == 1
+    for small in (0, 10 ** 6):  # both wgrad orders reuse it
+        monkeypatch.setattr(numpy_engine, "SMALL_WGRAD_ROWS", small)
+        assert wgrad_after(x, x) == 0
+    numpy_engine.release_workspace()
+    expanded.clear()
+    gc.conv2d_grad_weight(x, w_shape, dy, **kw)
+    assert len(expanded) == 1

@@ -174,3 +174,14 @@ def test_maxout_backward_matches_finite_differences_on_other_axis():
     fd = naive.central_difference(lambda: np.sum(gc.maxout(x, 4, axis=-1) * dy), x)
     np.testing.assert_allclose(gc.maxout_backward(dy, idx, 4, x.shape, axis=-1), fd,
                                rtol=1e-6, atol=1e-9)
+
+
+def test_relu_backward_non_finite_grad_where_input_is_not_positive_gives_zero():
+    """PyTorch's threshold_backward: 0 wherever x <= 0, even for an inf or NaN grad_output
+    (a multiply by the mask would give NaN there); NaN grads where x > 0 pass through."""
+    x = np.array([-1.0, 0.0, 2.0, 3.0, -4.0], np.float32)
+    dy = np.array([np.inf, np.nan, np.nan, 1.5, -np.inf], np.float32)
+    dx = gc.relu_backward(x, dy)
+    assert dx.dtype == np.float32
+    np.testing.assert_array_equal(dx, [0, 0, np.nan, 1.5, 0])
+    np.testing.assert_array_equal(gc.relu_backward(x, np.ones_like(x)), [0, 0, 1, 1, 0])

@@ -173,9 +173,10 @@ _KITS = {}
 
 
 def _cpu_kit(cls):
-    if "cpu" not in _KITS:
-        _KITS["cpu"] = cls()
-    return _KITS["cpu"]
+    """One kit per kind (each keeps its flush buffer): NumPy's, and PyTorch's own."""
+    if cls.__name__ not in _KITS:
+        _KITS[cls.__name__] = cls()
+    return _KITS[cls.__name__]
 
 
 def _torch_cuda_kit(cls):
@@ -247,7 +248,7 @@ class TorchCpuBackend(Backend):
         return None
 
     def prepare(self, case):
-        from .timing import CpuKit
+        from .timing import TorchCpuKit
         torch = _torch()
         sets = [{k: _to_torch(v, "cpu", case.dtype) for k, v in s.items()} for s in case.sets]
         call = torch_ops(case.op, case)
@@ -255,7 +256,7 @@ class TorchCpuBackend(Backend):
         def run(p, a):
             with torch.no_grad():
                 return call(p, a)
-        return Runner(self, case, run, sets, _cpu_kit(CpuKit), _from_torch)
+        return Runner(self, case, run, sets, _cpu_kit(TorchCpuKit), _from_torch)
 
     def info(self):
         d = super().info()

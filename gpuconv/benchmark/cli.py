@@ -5,6 +5,7 @@
     gpuconv-bench --layer 'r50.l3.*' --backend cuda,cudnn --algo im2col_gemm
     gpuconv-bench --shape 32,64,56,56,64,3,3,1,1 --op all
     gpuconv-bench compare before.json after.json --threshold 0.05
+    gpuconv-bench train --model mnist-cnn,lenet5 --threads 2   (whole training steps)
     gpuconv-bench plot run.json run.png
     gpuconv-bench markdown run.json      (the run as Markdown tables, for bench/NOTES.md)
     gpuconv-bench --list
@@ -64,8 +65,11 @@ def build_parser():
     sel.add_argument("--list", action="store_true", help="list suites, layers and backends")
 
     tm = ap.add_argument_group("timing")
-    tm.add_argument("--cache", choices=("cold", "warm"), default="cold",
-                    help="cold (default): zero a buffer of 2x the last-level cache before every "
+    tm.add_argument("--cache", choices=("cold", "warm"), default=None,
+                    help="default cold on a GPU, warm on the CPU (see bench/NOTES.md: a CPU "
+                         "flush burns the process's scheduler slice and lets thread pools "
+                         "sleep right before the timed call). cold: zero a buffer of 2x the "
+                         "last-level cache before every "
                          "sample; warm: no flush")
     tm.add_argument("--warmup-ms", type=float, default=None,
                     help="warm-up per backend and case (default 50 on GPU, 0 = one call on CPU)")
@@ -121,7 +125,7 @@ def _timing_settings(args, gpu):
     d = timing.GPU_DEFAULTS if gpu else timing.CPU_DEFAULTS
     pick = lambda v, default: default if v is None else v  # noqa: E731
     return timing.TimingSettings(
-        cold=args.cache == "cold",
+        cold=(args.cache or ("cold" if gpu else "warm")) == "cold",
         warmup_s=pick(args.warmup_ms, d.warmup_s * 1e3) / 1e3,
         min_samples=max(1, pick(args.min_samples, d.min_samples)),
         max_samples=max(1, pick(args.max_samples, d.max_samples)),
@@ -238,7 +242,7 @@ def run(args, argv):
         more = f" and {len(what) - 4} more" if len(what) > 4 else ""
         print(f"not run: {name} on {', '.join(what[:4])}{more}: {why}")
     doc["settings"] = {"batch": batch, "ops": ops, "dtypes": args.dtype, "threads": threads,
-                       "cache": args.cache, "cache_bytes": cache, "warmup_s": ts.warmup_s,
+                       "cache": "cold" if ts.cold else "warm", "cache_bytes": cache, "warmup_s": ts.warmup_s,
                        "min_samples": ts.min_samples, "max_samples": ts.max_samples,
                        "max_time_per_case_s": ts.max_time, "block": ts.block,
                        "settle_s": ts.settle_s, "input_sets": args.input_sets,
@@ -312,6 +316,9 @@ def main(argv=None):
         return compare_mod.main(argv[1:])
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
+    if argv[:1] == ["train"]:
+        from . import train_step
+        return train_step.main(argv[1:])
     if argv[:1] == ["markdown"]:
         if len(argv) != 2:
             print("usage: gpuconv-bench markdown RUN.json", file=sys.stderr)

@@ -62,8 +62,22 @@ def plot(doc, path):
     for i, b in enumerate(series):
         val = {f"{r['layer']} {r['op']} {r['dtype']}": r["ratio"] for r in labeled
                if r["backend"] == b}
+        by_case = {f"{r['layer']} {r['op']} {r['dtype']}": r for r in labeled
+                   if r["backend"] == b}
         xs = [j + i * width for j, c in enumerate(cases) if c in val]
-        ax2.bar(xs, [val[c] for c in cases if c in val], width, label=b)
+        here = [by_case[c] for c in cases if c in val]
+        bars = ax2.bar(xs, [val[c] for c in cases if c in val], width, label=b)
+        # error bars: the ratio's quartile spread; red (and hatched bars) where unstable
+        if all(r.get("ratio_lo") for r in here):
+            lo = [r["ratio"] - r["ratio_lo"] for r in here]
+            hi = [r["ratio_hi"] - r["ratio"] for r in here]
+            colors = ["red" if r.get("ratio_unstable") else "k" for r in here]
+            for x, v, l, h, c in zip(xs, [r["ratio"] for r in here], lo, hi, colors):
+                ax2.errorbar([x], [v], yerr=[[max(l, 0)], [max(h, 0)]], fmt="none",
+                             ecolor=c, capsize=2, lw=1)
+            for bar, r in zip(bars, here):
+                if r.get("ratio_unstable"):
+                    bar.set_hatch("//")
     ax2.axhline(1.0, color="k", lw=1)
     ax2.set_yscale("log")
     ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -71,7 +85,8 @@ def plot(doc, path):
     ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     ax2.set_xticklabels(cases, rotation=75, ha="right", fontsize=7)
     ax2.set(ylabel="time / reference time (lower is faster)",
-            title="ratio to the reference backend per layer")
+            title="ratio to the reference per layer\n(error bars: quartiles; red, hatched: "
+                  "unstable, IQR > 25%)")
     if series:
         ax2.legend(fontsize=8)
     gpu = (doc.get("machine") or {}).get("gpu") or {}

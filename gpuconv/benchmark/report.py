@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from . import timing
+
 SCHEMA = "gpuconv-bench/1"
 
 
@@ -47,6 +49,14 @@ HEAD = (f"  {'backend':<20} {'status':<6} {'median':>10} {'iqr':>6} {'min':>10} 
         f"{'FLOP/s':>9} {'GB/s':>7} {'roof':>5} {'workspace':>10} {'ratio':>6}  rel.err")
 
 
+def fmt_iqr(r, digits=1):
+    """The IQR as a percentage of the median; '!' marks an unstable result (timing.UNSTABLE_IQR)."""
+    med = r.get("median_s")
+    if not med:
+        return "-"
+    return f"{100 * (r['q3_s'] - r['q1_s']) / med:.{digits}f}%" + ("!" if timing.unstable(r) else "")
+
+
 def case_block(rows):
     """The lines of one (layer, op, dtype) case."""
     r0 = rows[0]
@@ -57,7 +67,7 @@ def case_block(rows):
              HEAD]
     for r in rows:
         med = r.get("median_s")
-        iqr = (f"{100 * (r['q3_s'] - r['q1_s']) / med:.1f}%" if med else "-")
+        iqr = fmt_iqr(r)
         roof = r.get("roofline_fraction")
         lines.append(
             f"  {r['backend']:<20} {r['status']:<6} {fmt_time(med):>10} {iqr:>6} "
@@ -67,6 +77,8 @@ def case_block(rows):
             f"{_num(r.get('ratio'), '.2f'):>6}  {_num(r.get('rel_err'), '.1e')}")
         if r["status"] != "ok":
             lines.append(f"      {r['status']}: {r['reason']} -- not timed")
+        elif timing.unstable(r):
+            lines.append("      UNSTABLE: IQR over 25% of the median; its ratio is not evidence")
         if r.get("algo_info"):
             lines.append(f"      cuDNN chose: {r['algo_info']}")
     return lines
@@ -84,7 +96,9 @@ def summary_lines(summary, targets):
         gm = "" if ref else _num(s.get("geomean_min_ratio"), ".3f")
         lines.append(f"  {s['suite']:<11} {s['op']:<6} {s['dtype']:<9} {s['backend']:<20} "
                      f"{s['ref_backend'] or '-':<10} {g:>8} {gm:>8} "
-                     f"{s['n_ratios']:>3}/{s['n_layers']:<3} {net:>13}")
+                     f"{s['n_ratios']:>3}/{s['n_layers']:<3} {net:>13}"
+                     + (f"  {len(s['unstable_layers'])} unstable" if not ref
+                        and s.get("unstable_layers") else ""))
     for t in targets:
         lines.append(t["line"])
     return lines
@@ -98,14 +112,24 @@ def target_checks(summary, suite_targets):
         if not tgt or s["backend"] != tgt[0] or s["ref_backend"] != tgt[1]:
             continue
         g = s["geomean_ratio"]
-        met = g is not None and g <= tgt[2] and s["n_ratios"] == s["n_layers"]
-        verdict = "met" if met else ("NOT met" if g is not None else "not measured")
         gmin = s.get("geomean_min_ratio")
+        shaky = s.get("unstable_layers") or []
+        # met only on complete, stable data, and on medians and minimum times alike
+        met = (g is not None and gmin is not None and g <= tgt[2] and gmin <= tgt[2]
+               and s["n_ratios"] == s["n_layers"] and not shaky)
+        if g is None:
+            verdict = "not measured"
+        elif shaky:
+            verdict = (f"UNSTABLE data, not judged ({len(shaky)} of {s['n_layers']} layers "
+                       f"with IQR > 25%: {', '.join(shaky[:4])}{' ...' if len(shaky) > 4 else ''})")
+        else:
+            verdict = "met" if met else "NOT met"
         out.append(dict(suite=s["suite"], op=s["op"], dtype=s["dtype"], backend=tgt[0],
                         ref=tgt[1], limit=tgt[2], geomean=g, geomean_min=gmin, met=met,
+                        unstable_layers=shaky, verdict=verdict,
                         line=f"  target {s['suite']} {s['op']} {s['dtype']}: geomean "
-                             f"{tgt[0]}/{tgt[1]} = {_num(g, '.3f')} (limit {tgt[2]}) -> "
-                             f"{verdict}; on minimum times {_num(gmin, '.3f')}"))
+                             f"{tgt[0]}/{tgt[1]} = {_num(g, '.3f')}, on minimum times "
+                             f"{_num(gmin, '.3f')} (limit {tgt[2]}) -> {verdict}"))
     return out
 
 
@@ -147,7 +171,8 @@ def markdown(doc):
     ratio_cols = [b for b in backends if b not in refs]
     head = "| layer | op | dtype | " + " | ".join(
         [f"{b} median (IQR)" for b in backends] + [f"{b} ratio" for b in ratio_cols]) + " |"
-    lines += [head, "|" + " --- |" * (3 + len(backends) + len(ratio_cols))]
+    lines += ["IQR marked '!': over 25% of the median, an unstable result whose ratio is not "
+              "evidence.", "", head, "|" + " --- |" * (3 + len(backends) + len(ratio_cols))]
     cases = []
     for r in doc["results"]:
         k = (r["layer"], r["op"], r["dtype"])
@@ -161,8 +186,7 @@ def markdown(doc):
             if r is None:
                 cells.append("-")
             elif r.get("median_s"):
-                iqr = 100 * (r["q3_s"] - r["q1_s"]) / r["median_s"]
-                cells.append(f"{fmt_time(r['median_s'])} ({iqr:.0f}%)")
+                cells.append(f"{fmt_time(r['median_s'])} ({fmt_iqr(r, 0)})")
             else:
                 cells.append(r["status"])
         ratios = [_num((rows.get(b) or {}).get("ratio"), ".2f") for b in ratio_cols]
@@ -182,6 +206,6 @@ def markdown(doc):
         lines.append("")
         lines.append(f"Target {t['suite']} {t['op']} {t['dtype']}: geomean {t['backend']}/"
                      f"{t['ref']} = {_num(t['geomean'], '.3f')} (limit {t['limit']}): "
-                     f"{'met' if t['met'] else 'NOT met'} (on minimum times: "
-                     f"{_num(t.get('geomean_min'), '.3f')}).")
+                     f"{t.get('verdict') or ('met' if t['met'] else 'NOT met')} (on minimum "
+                     f"times: {_num(t.get('geomean_min'), '.3f')}).")
     return "\n".join(lines) + "\n"

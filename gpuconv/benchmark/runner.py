@@ -187,8 +187,9 @@ def run_case(case, backends_, settings, cache_bytes, roofs, case_index=0):
                                 {n: w[1] for n, w in warm.items()})
         for name, r in runners.items():
             row = by_name[name]
-            row.update(samples_s=samples[name], warmup_calls=warm[name][0],
-                       **timing.stats(samples[name]))
+            st = timing.stats(samples[name])
+            row.update(samples_s=samples[name], warmup_calls=warm[name][0], **st,
+                       iqr_frac=timing.iqr_fraction(st), unstable=timing.unstable(st))
             try:
                 row["workspace_bytes"], row["workspace_how"] = r.workspace_bytes()
             except Exception as e:
@@ -226,6 +227,13 @@ def _derive(rows, settings, roofs):
             # min / min: interference from other processes only adds time, so on a shared
             # machine this ratio is the steadier estimate of the quiet-machine ratio
             row["ratio_min"] = row["min_s"] / mins[ref]
+            # the ratio's spread, for error bars: quartiles against the reference's quartiles
+            r = next(x for x in rows if x["backend"] == ref)
+            row["ratio_lo"] = row["q1_s"] / r["q3_s"]
+            row["ratio_hi"] = row["q3_s"] / r["q1_s"]
+            row["ratio_unstable"] = bool(row.get("unstable") or r.get("unstable")
+                                         or timing.ratios_disagree(row["ratio"],
+                                                                   row["ratio_min"]))
 
 
 def release_memory():
@@ -265,10 +273,13 @@ def summarize(rows, layers_by_suite):
         ratios = [r["ratio"] for r in ok if r.get("ratio")]
         ratios_min = [r["ratio_min"] for r in ok if r.get("ratio_min")]
         complete = len(ok) == n_layers
+        # results too spread to compare: this backend's or its reference's IQR over the limit
+        unstable = sorted(r["layer"] for r in ok if r.get("ratio_unstable") or r.get("unstable"))
         net = sum(r["median_s"] * r["count_in_net"] for r in ok) if complete else None
         out.append(dict(suite=suite, op=op, dtype=dtype, backend=backend,
                         ref_backend=sel[0].get("ref_backend"),
                         geomean_ratio=geomean(ratios), geomean_min_ratio=geomean(ratios_min),
                         n_ratios=len(ratios),
-                        n_layers=n_layers, n_ok=len(ok), net_time_s=net, complete=complete))
+                        n_layers=n_layers, n_ok=len(ok), net_time_s=net, complete=complete,
+                        unstable_layers=unstable))
     return out

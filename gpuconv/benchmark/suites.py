@@ -20,12 +20,14 @@ from ..problem import ConvProblem, PoolProblem
 NETWORK_SUITES = ("lenet5", "alexnet", "vgg16", "r50", "edge")
 
 # Issue 2's speed target for the NumPy engine: on 2 cores, float32, batch 8, the geometric mean
-# of numpy / torch-cpu time over these layers must be <= 1.5 for each of fprop, dgrad, wgrad.
+# of numpy / torch-cpu time over these layers must be <= 1.5 (issue 11: 1.2) for each of fprop,
+# dgrad and wgrad.
 CPU_TARGET_LAYERS = ("lenet5.conv1", "alexnet.conv2", "vgg16.conv3_1", "r50.l1.3x3_64",
                      "r50.l2.ds1x1s2", "r50.stem7x7s2", "edge.dw3x3_c144")
 
-# suite -> (backend, reference backend, largest allowed geometric mean of backend/reference)
-SUITE_TARGETS = {"cpu-target": ("numpy", "torch-cpu", 1.5)}
+# suite -> (backend, reference backend, largest allowed geometric mean of backend/reference,
+# on medians and on minimum times). Issue 2 set 1.5; issue 11 tightened it to 1.2.
+SUITE_TARGETS = {"cpu-target": ("numpy", "torch-cpu", 1.2)}
 
 # Networks that pool 3x3/2 after their convolutions; the others pool 2x2/2.
 _POOL3_SUITES = ("alexnet", "r50")

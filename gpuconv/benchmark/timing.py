@@ -113,6 +113,24 @@ class CpuKit:
         pass
 
 
+class TorchCpuKit(CpuKit):
+    """CpuKit whose flush runs on PyTorch's own intra-op thread pool.
+
+    A NumPy flush (one thread, ~5 ms for 64 MiB) left PyTorch's OpenMP workers asleep, so every
+    cold sample paid their wake-up: on a shared 2-core machine, the woken worker waits for a
+    core for up to a scheduler slice while the caller waits at the barrier, which gave LeNet-5
+    conv samples from 0.33 to 18.8 ms (IQR > 300%; a plain loop: 0.05 ms). A parallel
+    torch.zero_ of the same buffer evicts the cache just as well and leaves the workers spinning
+    into the timed call, as they are between the layers of a network."""
+
+    def flush(self):
+        if self._buf is None:
+            import torch
+            self._buf = torch.empty(max(2 * self.cache_bytes, 8 * MiB) // 8,
+                                    dtype=torch.float64)
+        self._buf.zero_()
+
+
 class _EventPair:
     __slots__ = ("start", "end", "elapsed_ms")
 
@@ -244,6 +262,32 @@ def sample(runners: dict, n_sets: int, settings: TimingSettings, estimates=None)
         if n >= settings.min_samples and time.perf_counter() - t0 >= settings.max_time:
             break
     return out
+
+
+# A result whose interquartile range is over this fraction of its median is flagged unstable (the
+# table marks its IQR with '!', the JSON says "unstable": true, the plot draws its error bar red)
+# and never counts as meeting a speed target.
+UNSTABLE_IQR = 0.25
+
+
+def iqr_fraction(st):
+    """(q3 - q1) / median of a stats() dict, or None when it has no samples."""
+    med = st.get("median_s")
+    return (st["q3_s"] - st["q1_s"]) / med if med else None
+
+
+def unstable(st):
+    frac = iqr_fraction(st)
+    return frac is not None and frac > UNSTABLE_IQR
+
+
+def ratios_disagree(ratio, ratio_min, limit=UNSTABLE_IQR):
+    """True when the ratio of medians and the ratio of minimum times differ by more than
+    `limit` (25%): one side's samples were shifted by interference the other escaped, so
+    neither ratio is evidence (seen on a loaded machine: medians 0.88, minima 0.16)."""
+    if not ratio or not ratio_min:
+        return False
+    return abs(math.log(ratio / ratio_min)) > math.log1p(limit)
 
 
 def stats(samples) -> dict:
