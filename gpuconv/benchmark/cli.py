@@ -15,7 +15,6 @@ Exit status: 0, or 2 when a backend was WRONG or raised (ERROR) in some case. Se
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
@@ -134,26 +133,7 @@ def _timing_settings(args, gpu):
         settle_s=pick(args.settle_ms, d.settle_s * 1e3) / 1e3)
 
 
-def _threads(n):
-    """Limit NumPy's BLAS (threadpoolctl, if present) and PyTorch to n threads."""
-    stack = contextlib.ExitStack()
-    try:
-        import threadpoolctl
-        stack.enter_context(threadpoolctl.threadpool_limits(n))
-    except ImportError:
-        pass
-    if "torch" in sys.modules or _torch_importable():
-        import torch
-        torch.set_num_threads(n)
-    return stack
-
-
-def _torch_importable():
-    try:
-        import torch  # noqa: F401
-    except Exception:
-        return False
-    return True
+_threads = timing.thread_limits  # the benchmark's CPU thread limits (train uses them too)
 
 
 def _gpu_roofline(kind):

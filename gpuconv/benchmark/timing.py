@@ -22,8 +22,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -76,6 +78,28 @@ def input_sets_for(footprint_bytes: int, cache_bytes: int, limit: int = 8) -> in
     if footprint_bytes <= 0 or footprint_bytes >= cache_bytes:
         return 1
     return max(1, min(limit, math.ceil(2 * cache_bytes / footprint_bytes)))
+
+
+def thread_limits(n):
+    """Limit NumPy's BLAS (threadpoolctl, if present) and PyTorch to n threads."""
+    stack = contextlib.ExitStack()
+    try:
+        import threadpoolctl
+        stack.enter_context(threadpoolctl.threadpool_limits(n))
+    except ImportError:
+        pass
+    if "torch" in sys.modules or _torch_importable():
+        import torch
+        torch.set_num_threads(n)
+    return stack
+
+
+def _torch_importable():
+    try:
+        import torch  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 class _Done:

@@ -394,7 +394,6 @@ def build_parser():
 
 
 def main(argv=None):
-    from .cli import _threads  # the same thread limits as the per-layer benchmark
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     names = list(MODELS) if args.model == "all" else [m.strip() for m in args.model.split(",")]
@@ -422,7 +421,7 @@ def main(argv=None):
     print(f"gpuconv-bench train {doc['date']}  commit {doc['commit']}\nmachine: {m['cpu']} "
           f"({m['cpu_count']} cores, {threads} threads); 1-min load average "
           f"{m.get('load_average_1min')}")
-    with _threads(threads):
+    with timing.thread_limits(threads):
         rows = [run_model(n, args.batch, ts, profile_steps=args.profile_steps, seed=args.seed)
                 for n in names]
     doc["results"] = rows
