@@ -15,11 +15,12 @@ import numbers
 import numpy as np
 
 from ._arrays import check_arrays, check_shape
-from .problem import ConvProblem, PoolProblem
+from .problem import ConvProblem, PoolProblem, _pair
 
 __all__ = [
     "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias",
-    "max_pool2d", "max_pool2d_backward",
+    "conv_transpose2d", "conv_transpose2d_grad_input", "conv_transpose2d_grad_weight",
+    "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
     "relu", "sigmoid", "tanh", "elu", "leaky_relu", "maxout",
     "relu_backward", "sigmoid_backward", "tanh_backward", "elu_backward",
     "leaky_relu_backward", "maxout_backward",
@@ -33,6 +34,31 @@ def engine_for(xp):
         return numpy_engine
     from .engines import cuda_engine
     return cuda_engine
+
+
+def _run(xp, op, p, *arrays):
+    """The engine's `op` (conv_fprop, conv_dgrad, conv_wgrad, pool_fprop, pool_dgrad) on the
+    validated problem `p`.
+
+    A batch of 0 images (PyTorch allows one) needs no work and gets no engine call -- so no
+    engine has to handle it and the CUDA engine never launches a grid of 0 blocks: the result
+    is empty, or zeros for the weight gradient (a sum over no images), on the arrays' device.
+    """
+    if p.N:
+        return getattr(engine_for(xp), op)(p, *arrays)
+    like = arrays[0]
+
+    def zeros(shape, dtype=like.dtype):
+        if xp is np:
+            return np.zeros(shape, dtype)
+        with like.device:
+            return xp.zeros(shape, dtype)
+
+    if op == "pool_fprop":
+        return zeros(p.y_shape), zeros(p.y_shape, np.int64)
+    if op == "conv_fprop":
+        return zeros(p.y_shape)
+    return zeros(p.w_shape if op == "conv_wgrad" else p.x_shape)  # dgrad: dL/dx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +79,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     p = ConvProblem.from_args(x.shape, weight.shape, stride, padding, dilation, groups)
     if bias is not None:
         check_shape("bias", bias, (p.K,))
-    return engine_for(xp).conv_fprop(p, x, weight, bias)
+    return _run(xp, "conv_fprop", p, x, weight, bias)
 
 
 def conv2d_grad_input(input_shape, weight, grad_output, stride=1, padding=0, dilation=1,
@@ -67,7 +93,7 @@ def conv2d_grad_input(input_shape, weight, grad_output, stride=1, padding=0, dil
                       ndim={"weight": 4, "grad_output": 4})
     p = ConvProblem.from_args(input_shape, weight.shape, stride, padding, dilation, groups)
     check_shape("grad_output", grad_output, p.y_shape)
-    return engine_for(xp).conv_dgrad(p, weight, grad_output)
+    return _run(xp, "conv_dgrad", p, weight, grad_output)
 
 
 def conv2d_grad_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1,
@@ -77,7 +103,7 @@ def conv2d_grad_weight(input, weight_shape, grad_output, stride=1, padding=0, di
                       ndim={"input": 4, "grad_output": 4})
     p = ConvProblem.from_args(input.shape, weight_shape, stride, padding, dilation, groups)
     check_shape("grad_output", grad_output, p.y_shape)
-    return engine_for(xp).conv_wgrad(p, input, grad_output)
+    return _run(xp, "conv_wgrad", p, input, grad_output)
 
 
 def conv2d_grad_bias(grad_output):
@@ -98,7 +124,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     """
     xp = check_arrays([("input", x)], ndim={"input": 4})
     pp = PoolProblem.from_args(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
-    y, idx = engine_for(xp).pool_fprop(pp, x)
+    y, idx = _run(xp, "pool_fprop", pp, x)
     return (y, idx) if return_indices else y
 
 
@@ -112,7 +138,7 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     if type(indices) is not type(grad_output) or indices.dtype != np.int64:
         raise TypeError("indices must be the int64 array max_pool2d(..., return_indices=True) "
                         "returned, on the same device as grad_output")
-    return engine_for(xp).pool_dgrad(pp, grad_output, indices)
+    return _run(xp, "pool_dgrad", pp, grad_output, indices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +188,7 @@ def elu(x, alpha=1.0):
 
 
 def relu_backward(x, grad_output):
-    """grad_output where x > 0, else 0 (0 at x == 0, as PyTorch)."""
+    """0 where x <= 0, else grad_output: as PyTorch, 0 at x == 0 and grad_output at x NaN."""
     return _act_grad("relu", x, None, grad_output)
 
 
@@ -182,7 +208,8 @@ def tanh_backward(y, grad_output):
 
 
 def elu_backward(x, y, grad_output, alpha=1.0):
-    """From the forward input x and output y: grad_output * (1 if x > 0 else y + alpha)."""
+    """From the forward input x and output y: grad_output * (y + alpha if x <= 0 else 1), as
+    PyTorch (so grad_output itself at a NaN input)."""
     return _act_grad("elu", x, y, grad_output, _scalar(alpha, "alpha"))
 
 
@@ -225,14 +252,6 @@ def maxout_backward(grad_output, indices, pieces, input_shape, axis=1):
     check_shape("grad_output", grad_output, expected)
     check_shape("indices", indices, expected)
     return engine_for(xp).maxout_dgrad(grad_output, indices, pieces, axis, input_shape)
-
-
-# (imports of the sections below, kept beside them)
-import functools  # noqa: E402
-import inspect  # noqa: E402
-
-from ._arrays import array_module  # noqa: E402
-from .problem import _pair  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +322,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
                            dilation)
     if bias is not None:
         check_shape("bias", bias, (p.C,))
-    y = engine_for(xp).conv_dgrad(p, weight, _grow(xp, x, p.P, p.Q))
+    y = _run(xp, "conv_dgrad", p, weight, _grow(xp, x, p.P, p.Q))
     if bias is not None:
         y += bias.reshape(1, -1, 1, 1)
     return y
@@ -317,7 +336,7 @@ def conv_transpose2d_grad_input(input_shape, weight, grad_output, stride=1, padd
     p = _transpose_problem(input_shape, weight.shape, stride, padding, output_padding, groups,
                            dilation)
     check_shape("grad_output", grad_output, p.x_shape)
-    dx = engine_for(xp).conv_fprop(p, grad_output, weight, None)
+    dx = _run(xp, "conv_fprop", p, grad_output, weight, None)
     H, W = (int(s) for s in input_shape[2:])
     return dx if dx.shape[2:] == (H, W) else xp.ascontiguousarray(dx[:, :, :H, :W])
 
@@ -331,7 +350,7 @@ def conv_transpose2d_grad_weight(input, weight_shape, grad_output, stride=1, pad
     p = _transpose_problem(input.shape, weight_shape, stride, padding, output_padding, groups,
                            dilation)
     check_shape("grad_output", grad_output, p.x_shape)
-    return engine_for(xp).conv_wgrad(p, grad_output, _grow(xp, input, p.P, p.Q))
+    return _run(xp, "conv_wgrad", p, grad_output, _grow(xp, input, p.P, p.Q))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,97 +417,3 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
         dxpad[:, :, rows, cols] += g
     return xp.ascontiguousarray(dxpad[:, :, pp.pad_h:pp.pad_h + pp.H, pp.pad_w:pp.pad_w + pp.W])
 
-
-# ---------------------------------------------------------------------------------------------
-# PyTorch's edge cases, applied to the ops above without touching them
-# ---------------------------------------------------------------------------------------------
-def _with_empty_batch(op, batch_args, batched_result=True):
-    """`op`, also for a batch of 0 (PyTorch allows it; ConvProblem needs N >= 1).
-
-    When every batch argument present has N == 0, `op` runs on a batch of one zero image
-    instead -- so every other argument is validated as usual -- and the result is cut to batch
-    0; a result without a batch axis (a weight gradient: a sum over no images) is then zeros,
-    which is what the zero image gives.
-    """
-    sig = inspect.signature(op)
-
-    @functools.wraps(op)
-    def wrapper(*args, **kwargs):
-        bound = sig.bind(*args, **kwargs)
-        present = [n for n in batch_args if bound.arguments.get(n) is not None]
-        shapes = [tuple(getattr(bound.arguments[n], "shape", bound.arguments[n]))
-                  for n in present]
-        if not shapes or any(len(s) == 0 or s[0] != 0 for s in shapes):
-            return op(*args, **kwargs)
-        for n, s in zip(present, shapes):
-            a = bound.arguments[n]
-            if hasattr(a, "shape"):
-                bound.arguments[n] = array_module(a).zeros((1,) + s[1:], dtype=a.dtype)
-            else:
-                bound.arguments[n] = (1,) + tuple(s[1:])
-        out = op(*bound.args, **bound.kwargs)
-        if not batched_result:
-            return out * 0  # zeros, and of the op's dtype and device
-        return tuple(o[:0] for o in out) if isinstance(out, tuple) else out[:0]
-
-    return wrapper
-
-
-conv2d = _with_empty_batch(conv2d, ("x",))
-conv2d_grad_input = _with_empty_batch(conv2d_grad_input, ("input_shape", "grad_output"))
-conv2d_grad_weight = _with_empty_batch(conv2d_grad_weight, ("input", "grad_output"),
-                                       batched_result=False)
-max_pool2d = _with_empty_batch(max_pool2d, ("x",))
-max_pool2d_backward = _with_empty_batch(max_pool2d_backward,
-                                        ("grad_output", "indices", "input_shape"))
-conv_transpose2d = _with_empty_batch(conv_transpose2d, ("x",))
-conv_transpose2d_grad_input = _with_empty_batch(conv_transpose2d_grad_input,
-                                                ("input_shape", "grad_output"))
-conv_transpose2d_grad_weight = _with_empty_batch(conv_transpose2d_grad_weight,
-                                                 ("input", "grad_output"),
-                                                 batched_result=False)
-avg_pool2d = _with_empty_batch(avg_pool2d, ("x",))
-avg_pool2d_backward = _with_empty_batch(avg_pool2d_backward, ("grad_output", "input_shape"))
-
-
-def _array_result(op):
-    """`op` returning an array for a 0-d input too (NumPy ufuncs return scalars there), so
-    activations chain on 0-d arrays as they do in PyTorch."""
-    @functools.wraps(op)
-    def wrapper(*args, **kwargs):
-        out = op(*args, **kwargs)
-        return np.asarray(out) if isinstance(out, np.generic) else out
-    return wrapper
-
-
-def _nan_passes(x, grad_output, dx):
-    """PyTorch's relu and elu backward test ``x <= 0`` (threshold_backward, elu_backward), so
-    at a NaN input the upstream gradient passes through unchanged; the engines test ``x > 0``,
-    which gives 0 (relu) or NaN (elu) there."""
-    xp = array_module(x)
-    nan = xp.isnan(x)
-    return xp.where(nan, grad_output, dx) if nan.any() else dx
-
-
-_relu_backward_engine, _elu_backward_engine = relu_backward, elu_backward
-
-
-def relu_backward(x, grad_output):  # noqa: F811 (the engine's, with PyTorch's NaN rule)
-    """grad_output where x > 0 or x is NaN, else 0 (0 at x == 0), as PyTorch."""
-    return _nan_passes(x, grad_output, _relu_backward_engine(x, grad_output))
-
-
-def elu_backward(x, y, grad_output, alpha=1.0):  # noqa: F811
-    """From the forward input x and output y: grad_output * (y + alpha if x <= 0 else 1), as
-    PyTorch (so grad_output itself at a NaN input)."""
-    return _nan_passes(x, grad_output, _elu_backward_engine(x, y, grad_output, alpha))
-
-
-relu, leaky_relu, sigmoid, tanh, elu = (_array_result(f) for f in
-                                        (relu, leaky_relu, sigmoid, tanh, elu))
-(relu_backward, elu_backward, sigmoid_backward, tanh_backward, leaky_relu_backward) = (
-    _array_result(f) for f in (relu_backward, elu_backward, sigmoid_backward, tanh_backward,
-                               leaky_relu_backward))
-
-__all__ += ["conv_transpose2d", "conv_transpose2d_grad_input", "conv_transpose2d_grad_weight",
-            "avg_pool2d", "avg_pool2d_backward"]

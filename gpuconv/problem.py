@@ -41,15 +41,18 @@ def _pair(value, name, *, allow_zero=False):
     return int(pair[0]), int(pair[1])
 
 
-def _shape(shape, name, rank):
+def _shape(shape, name, rank, *, batch=False):
+    """`shape` as a tuple of `rank` positive ints; with ``batch`` the first (N) may be 0, as
+    PyTorch allows an empty batch."""
     try:
         shape = tuple(int(s) for s in shape)
     except TypeError:
         raise TypeError(f"{name} must be a shape (a tuple of {rank} ints), got {shape!r}") from None
     if len(shape) != rank:
         raise ValueError(f"{name} must have {rank} dimensions, got shape {shape}")
-    if min(shape) < 1:
-        raise ValueError(f"{name} must have positive sizes, got shape {shape}")
+    if min(shape[1:] if batch else shape) < 1 or shape[0] < 0:
+        what = "a batch size >= 0 and positive other sizes" if batch else "positive sizes"
+        raise ValueError(f"{name} must have {what}, got shape {shape}")
     return shape
 
 
@@ -79,7 +82,9 @@ class ConvProblem:
             object.__setattr__(self, "pad_h_end", self.pad_h)
         if self.pad_w_end is None:
             object.__setattr__(self, "pad_w_end", self.pad_w)
-        for f in ("N", "C", "H", "W", "K", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w",
+        if self.N < 0:  # a batch of 0 is valid (PyTorch's); the ops return empty results
+            raise ValueError(f"N must be >= 0, got {self.N}")
+        for f in ("C", "H", "W", "K", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w",
                   "groups"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
@@ -107,7 +112,7 @@ class ConvProblem:
         ``padding`` is an int, an (h, w) pair, ``'valid'`` (0) or ``'same'`` (stride 1 only;
         output size equals input size, the odd extra pad at the bottom/right as in PyTorch).
         """
-        N, C, H, W = _shape(input_shape, "input", 4)
+        N, C, H, W = _shape(input_shape, "input", 4, batch=True)
         K, Cg, R, S = _shape(weight_shape, "weight", 4)
         stride_h, stride_w = _pair(stride, "stride")
         dil_h, dil_w = _pair(dilation, "dilation")
@@ -257,7 +262,7 @@ class PoolProblem:
     @classmethod
     def from_args(cls, input_shape, kernel_size, stride=None, padding=0, dilation=1,
                   ceil_mode=False):
-        N, C, H, W = _shape(input_shape, "input", 4)
+        N, C, H, W = _shape(input_shape, "input", 4, batch=True)
         R, S = _pair(kernel_size, "kernel_size")
         sh, sw = _pair(kernel_size if stride is None else stride, "stride")
         ph, pw = _pair(padding, "padding", allow_zero=True)

@@ -6,13 +6,15 @@
 //                                               the upstream dy (relu/leaky read x; sigmoid/tanh
 //                                               read y; elu reads both)
 //       kind (the host's ACT_KINDS in gpuconv/engines/cuda_im2col.py):
-//         0 relu        y = x > 0 ? x : 0 (NaN stays NaN)          dx = x > 0 ? dy : 0
+//         0 relu        y = x > 0 ? x : 0 (NaN stays NaN)          dx = x <= 0 ? 0 : dy
 //         1 leaky_relu  y = x > 0 ? x : alpha*x                    dx = x > 0 ? dy : alpha*dy
 //         2 sigmoid     y = 1/(1+e) or e/(1+e), e = exp(-|x|)      dx = dy*y*(1-y)
 //         3 tanh        y = tanh(x)                                dx = dy*(1-y*y)
-//         4 elu         y = x > 0 ? x : alpha*expm1(x)             dx = x > 0 ? dy : dy*(y+alpha)
-//       At the kinks (x == 0) the gradient is PyTorch's: the x <= 0 branch. NaN propagates as in
-//       the NumPy engine (gpuconv/engines/numpy_engine.py: act_fprop / act_dgrad).
+//         4 elu         y = x > 0 ? x : alpha*expm1(x)             dx = x <= 0 ? dy*(y+alpha) : dy
+//       The gradient's tests are PyTorch's: at the kinks (x == 0) the x <= 0 branch, and at a NaN
+//       x (which fails every comparison) dy for relu and elu (PyTorch tests x <= 0) but alpha*dy
+//       for leaky_relu (it tests x > 0). NaN propagates as in the NumPy engine
+//       (gpuconv/engines/numpy_engine.py: act_fprop / act_dgrad).
 //   maxout_fprop<T>(x, y, idx, outer, M, pieces, inner)
 //       x (outer, M*pieces, inner) -> y, idx (outer, M, inner); idx int64 in [0, pieces): the
 //       first maximum of each group of `pieces` consecutive entries, or its first NaN.
@@ -73,11 +75,11 @@ __global__ void act_dgrad(const T* __restrict__ x, const T* __restrict__ y,
         const A g = to_acc(dy[i]);
         A out;
         switch (kind) {
-            case 0: out = to_acc(x[i]) > 0 ? g : A(0); break;
+            case 0: out = to_acc(x[i]) <= 0 ? A(0) : g; break;  // NaN x: g, as PyTorch
             case 1: out = to_acc(x[i]) > 0 ? g : g * alpha; break;
             case 2: { const A v = to_acc(y[i]); out = g * v * (A(1) - v); break; }
             case 3: { const A v = to_acc(y[i]); out = g * (A(1) - v * v); break; }
-            default: out = to_acc(x[i]) > 0 ? g : g * (to_acc(y[i]) + alpha); break;  // 4: elu
+            default: out = to_acc(x[i]) <= 0 ? g * (to_acc(y[i]) + alpha) : g; break;  // 4: elu
         }
         dx[i] = from_acc<T>(out);
     }

@@ -150,7 +150,7 @@ ACTS = [("relu", None), ("leaky_relu", 0.1), ("sigmoid", None), ("tanh", None), 
 def act_input(dtype, seed=0):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(1000) * 4).astype(dtype)
-    x[:6] = [0.0, -0.0, np.nan, 30.0, -30.0, 1e-3]  # kinks, NaN, saturation
+    x[:7] = [0.0, -0.0, np.nan, 30.0, -30.0, 1e-3, -np.nan]  # kinks, +-NaN, saturation
     return x.reshape(10, 4, 25)
 
 
@@ -177,6 +177,14 @@ def check_act(e: Engine, kind, alpha, dtype, seed=0):
                                   err_msg=f"{kind}: dgrad NaN")
     np.testing.assert_allclose(f64(dx), dx_ref, rtol=tol(dtype), atol=tol(dtype),
                                err_msg=f"{kind} backward")
+    # PyTorch's rule at a NaN input, pinned here and not only through the reference: relu and
+    # elu pass dy through (they test x <= 0), leaky_relu scales it (it tests x > 0)
+    nan = np.isnan(f64(x))
+    if kind in ("relu", "elu"):
+        np.testing.assert_array_equal(f64(dx)[nan], f64(dy)[nan], err_msg=f"{kind} at NaN")
+    elif kind == "leaky_relu":
+        np.testing.assert_allclose(f64(dx)[nan], alpha * f64(dy)[nan], rtol=tol(dtype),
+                                   err_msg=f"{kind} at NaN")
 
 
 MAXOUT_CASES = [((2, 6, 3, 4), 3, 1), ((3, 5, 4), 2, 2), ((4, 3), 2, 0), ((2, 8, 2, 2), 4, 1)]

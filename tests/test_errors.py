@@ -51,6 +51,13 @@ DY = np.ones((2, 6, 6, 6), np.float32)
      r"grad_output must have shape"),
     (lambda: gc.conv2d_grad_weight(X, (6, 4, 0, 3), DY), ValueError,
      r"weight must have positive sizes"),
+    (lambda: gc.conv2d(np.ones((0, 0, 8, 8), np.float32), W), ValueError,
+     r"input must have a batch size >= 0 and positive other sizes"),  # a batch of 0 is valid
+    (lambda: gc.conv2d_grad_input((-1, 4, 8, 8), W, DY), ValueError,
+     r"input must have a batch size >= 0"),
+    (lambda: ConvProblem(-1, 4, 8, 8, 6, 3, 3), ValueError, r"N must be >= 0, got -1"),
+    (lambda: gc.conv2d_grad_input((0, 4, 8, 8), W, DY), ValueError,
+     r"grad_output must have shape \(0, 6, 6, 6\)"),
     (lambda: gc.max_pool2d(X, 3, padding=2), ValueError,
      r"padding should be at most half of kernel_size"),
     (lambda: gc.max_pool2d(X, 9), ValueError, r"window is larger than the padded input"),

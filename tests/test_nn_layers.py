@@ -425,6 +425,33 @@ def test_batch_of_zero_in_the_functional_ops_and_the_loss():
     assert loss_fn.backward().shape == (0, 5)
 
 
+def test_batch_of_zero_makes_no_engine_call(monkeypatch):
+    """The functional ops answer a batch of 0 themselves (so no engine sees one, and the CUDA
+    engine launches no grid of 0): empty results of the input's dtype, zeros for dL/dw."""
+    from gpuconv.engines import numpy_engine
+    for op in ("conv_fprop", "conv_dgrad", "conv_wgrad", "pool_fprop", "pool_dgrad"):
+        monkeypatch.setattr(numpy_engine, op, lambda *a, op=op: pytest.fail(f"{op} was called"))
+    x0, w = np.zeros((0, 4, 7, 6), np.float32), np.ones((6, 2, 3, 3), np.float32)
+    args = dict(stride=2, padding=1, groups=2)
+    y = gc.conv2d(x0, w, np.ones(6, np.float32), **args)
+    assert y.shape == (0, 6, 4, 3) and y.dtype == np.float32
+    assert gc.conv2d_grad_input(x0.shape, w, y, **args).shape == x0.shape
+    gw = gc.conv2d_grad_weight(x0, w.shape, y, **args)
+    assert gw.shape == w.shape and gw.dtype == np.float32 and not gw.any()
+    wt = np.ones((4, 3, 3, 3), np.float32)  # transposed: (C_in, C_out // groups, kH, kW)
+    targs = dict(stride=2, output_padding=1, groups=2)
+    yt = gc.conv_transpose2d(x0, wt, None, **targs)
+    assert yt.shape == (0, 6, 16, 14) and yt.dtype == np.float32
+    assert gc.conv_transpose2d_grad_input(x0.shape, wt, yt, **targs).shape == x0.shape
+    gwt = gc.conv_transpose2d_grad_weight(x0, wt.shape, yt, **targs)
+    assert gwt.shape == wt.shape and not gwt.any()
+    p, idx = gc.max_pool2d(x0, 3, 2, 1, return_indices=True)
+    assert p.shape == idx.shape == (0, 4, 4, 3) and p.dtype == np.float32
+    assert gc.max_pool2d_backward(p, idx, x0.shape, 3, 2, 1).shape == x0.shape
+    with pytest.raises(ValueError, match=r"grad_output must have shape \(0, 6, 4, 3\)"):
+        gc.conv2d_grad_weight(x0, w.shape, np.zeros((1, 6, 4, 3), np.float32), **args)
+
+
 def test_activations_on_0d_arrays_return_0d_arrays_and_chain():
     x = np.array(0.3)
     for f in (gc.relu, gc.sigmoid, gc.tanh, gc.elu, gc.leaky_relu):

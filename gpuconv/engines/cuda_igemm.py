@@ -301,6 +301,8 @@ class IgemmAlgorithm:
 
     def _launch(self, ct, mode, tile, args_grid, ptrs):
         a, grid = args_grid
+        if 0 in grid:  # no rows of the GEMM (a batch of 0): an empty output, and CUDA rejects
+            return     # a grid of 0 blocks (as launch() and _launch_1d skip it)
         get_kernel(igemm_name(self.op, ct, mode, tile))(grid, (tile.threads,), (*ptrs, a))
 
     def _fprop(self, p, ct, mode, tile, x, w, bias):

@@ -538,6 +538,8 @@ def pool_dgrad(pp: PoolProblem, dy, idx):
 # activations
 # ---------------------------------------------------------------------------------------------
 def act_fprop(kind, x, alpha=None):
+    if x.ndim == 0:  # NumPy's ufuncs give a scalar there; a 0-d array chains as in PyTorch
+        return act_fprop(kind, x.reshape(1), alpha).reshape(())
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         if kind == "relu":
             return np.maximum(x, 0, dtype=x.dtype)  # NaN propagates
@@ -554,16 +556,23 @@ def act_fprop(kind, x, alpha=None):
 
 
 def act_dgrad(kind, x, y, dy, alpha=None):
-    """dx from the forward input x, output y and upstream dy (PyTorch's choice at kinks)."""
+    """dx from the forward input x, output y and upstream dy, with PyTorch's choices: at the
+    kinks (x == 0) the x <= 0 branch; at a NaN x relu and elu pass dy through (PyTorch tests
+    ``x <= 0``), leaky_relu gives slope*dy (it tests ``x > 0``)."""
+    if x.ndim == 0:  # as in act_fprop: an array, not NumPy's scalar
+        return act_dgrad(kind, *(None if a is None else a.reshape(1) for a in (x, y, dy)),
+                         alpha).reshape(())
     t = x.dtype.type
     if kind == "relu":
-        # dy * (x > 0): a multiply by the bool mask runs ~12x faster than np.where here (0.4
+        # dy * ~(x <= 0): a multiply by the bool mask runs ~12x faster than np.where here (0.4
         # vs 5.8 ms on 64x32x28x28 float32). Only a non-finite dy where x <= 0 would differ
         # (inf * 0 = NaN where PyTorch gives 0), so that rare case takes np.where.
+        mask = np.less_equal(x, 0)
+        np.logical_not(mask, out=mask)
         with np.errstate(invalid="ignore"):
-            dx = np.multiply(dy, np.greater(x, 0), dtype=dy.dtype)
+            dx = np.multiply(dy, mask, dtype=dy.dtype)
         if not np.isfinite(dx).all():
-            dx = np.where(x > 0, dy, t(0))
+            dx = np.where(x <= 0, t(0), dy)
         return dx
     if kind == "leaky_relu":
         return np.where(x > 0, dy, dy * t(alpha))
@@ -572,7 +581,7 @@ def act_dgrad(kind, x, y, dy, alpha=None):
     if kind == "tanh":
         return dy * (1 - y * y)
     if kind == "elu":
-        return np.where(x > 0, dy, dy * (y + t(alpha)))
+        return np.where(x <= 0, dy * (y + t(alpha)), dy)
     raise ValueError(f"unknown activation {kind!r}")
 
 

@@ -185,7 +185,7 @@ def _torch_allocator(cupy):
                                 "-> Tensor")
 def conv2d(input, weight, bias, stride, padding, dilation, groups, same):
     check_tensors("conv2d", [("input", input), ("weight", weight), ("bias", bias)])
-    if input.shape[0] == 0:  # gpuconv's problems have N >= 1; PyTorch allows an empty batch
+    if input.shape[0] == 0:  # an empty batch (PyTorch allows it): no engine call, no copies
         return _fake_conv2d(input, weight, bias, stride, padding, dilation, groups, same)
     pad = _padding(padding, same)
     return call_engine(lambda x, w, b: gf.conv2d(x, w, b, stride, pad, dilation, groups),
