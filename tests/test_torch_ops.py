@@ -178,6 +178,13 @@ def test_empty_batch(device):
     assert gx.shape == x.shape and gw.shape == w.shape and not gw.any()
     p, idx = gt.max_pool2d(x, 2, return_indices=True)
     assert p.shape == idx.shape == (0, 3, 3, 3)
+    # an empty batch is validated like any other: the gradient ops too
+    with pytest.raises(ValueError, match="channel"):
+        torch.ops.gpuconv.conv2d_grad_weight(x.detach(), [4, 5, 3, 3], y.detach(), [1, 1],
+                                             [1, 1], [1, 1], 1, False)
+    with pytest.raises(ValueError, match="channel"):
+        torch.ops.gpuconv.conv2d_grad_input([0, 5, 6, 6], w.detach(), y.detach(), [1, 1],
+                                            [1, 1], [1, 1], 1, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -185,8 +185,6 @@ def _torch_allocator(cupy):
                                 "-> Tensor")
 def conv2d(input, weight, bias, stride, padding, dilation, groups, same):
     check_tensors("conv2d", [("input", input), ("weight", weight), ("bias", bias)])
-    if input.shape[0] == 0:  # an empty batch (PyTorch allows it): no engine call, no copies
-        return _fake_conv2d(input, weight, bias, stride, padding, dilation, groups, same)
     pad = _padding(padding, same)
     return call_engine(lambda x, w, b: gf.conv2d(x, w, b, stride, pad, dilation, groups),
                        input, weight, bias)
@@ -209,8 +207,6 @@ def _fake_conv2d(input, weight, bias, stride, padding, dilation, groups, same):
                                 f"{_CONV_ARGS}) -> Tensor")
 def conv2d_grad_input(input_shape, weight, grad_output, stride, padding, dilation, groups, same):
     check_tensors("conv2d_grad_input", [("weight", weight), ("grad_output", grad_output)])
-    if input_shape[0] == 0:
-        return weight.new_zeros(input_shape)
     pad = _padding(padding, same)
     return call_engine(lambda w, dy: gf.conv2d_grad_input(input_shape, w, dy, stride, pad,
                                                           dilation, groups),
@@ -230,8 +226,6 @@ def _(input_shape, weight, grad_output, stride, padding, dilation, groups, same)
 def conv2d_grad_weight(input, weight_shape, grad_output, stride, padding, dilation, groups,
                        same):
     check_tensors("conv2d_grad_weight", [("input", input), ("grad_output", grad_output)])
-    if input.shape[0] == 0:
-        return input.new_zeros(weight_shape)
     pad = _padding(padding, same)
     return call_engine(lambda x, dy: gf.conv2d_grad_weight(x, weight_shape, dy, stride, pad,
                                                            dilation, groups),
@@ -298,8 +292,6 @@ conv2d_grad_weight.register_autograd(_backward_grad_weight, setup_context=_setup
                          schema=f"(Tensor input, {_POOL_ARGS}) -> (Tensor, Tensor)")
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     check_tensors("max_pool2d", [("input", input)])
-    if input.shape[0] == 0:
-        return _fake_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     return call_engine(lambda x: gf.max_pool2d(x, kernel_size, stride, padding, dilation,
                                                ceil_mode, return_indices=True), input)
 
@@ -319,8 +311,6 @@ def _fake_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
 def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding,
                         dilation, ceil_mode):
     _check_pool_grad(grad_output, indices)
-    if input_shape[0] == 0:
-        return grad_output.new_zeros(input_shape)
     return call_engine(lambda dy, idx: gf.max_pool2d_backward(dy, idx, input_shape, kernel_size,
                                                               stride, padding, dilation,
                                                               ceil_mode),
