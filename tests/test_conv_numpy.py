@@ -257,6 +257,10 @@ def test_release_workspace_frees_the_buffers_and_results_stay_right():
     ((2, 2, 14, 14), (5, 2, 5, 5), dict()),                   # 'valid': dy rows padded 10 -> 14
     ((1, 2, 9, 12), (4, 2, 2, 3), dict(padding=(1, 0))),      # taller dy, narrower rows
     ((1, 2, 8, 9), (3, 2, 3, 3), dict(padding=(0, 1), dilation=(2, 1))),
+    # padding wider than the input: shifts of W or more columns (a review found these wrong)
+    ((1, 1, 2, 2), (2, 1, 7, 7), dict(padding=3)),
+    ((2, 2, 3, 2), (4, 2, 7, 7), dict(padding=3)),
+    ((1, 1, 4, 3), (2, 1, 1, 9), dict(padding=(0, 4))),
 ])
 def test_stride1_same_size_dgrad_flat_shift_gather(x_shape, w_shape, kw, monkeypatch):
     """Stride 1 with dx rows as wide as dy's, or up to 1.5x wider (dy rows zero-padded), gathers

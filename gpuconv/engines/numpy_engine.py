@@ -407,8 +407,8 @@ def _gather_flat_shifts(p, dcol, dx):
             src = dcol[:, :, r, s]  # (N, C, P, W)
             if aw > 0:
                 src[..., :aw] = 0
-            elif aw < 0:
-                src[..., p.W + aw:] = 0
+            elif aw < 0:  # aw <= -W (padding wider than the row): every column wraps
+                src[..., max(0, p.W + aw):] = 0
             d = ah * p.W + aw
             lo, hi = max(0, -d), min(hw, pw - d)
             if lo < hi:
