@@ -1,5 +1,6 @@
 """The shared list of test problems (odd sizes, stride > 1, dilation > 1, groups > 1, depthwise,
-1x1 and 7x7, batch 1, uncovered rows, asymmetric 'same' padding), used by the CPU and GPU tests.
+1x1 and 7x7, batch 1, uncovered rows, asymmetric 'same' padding, padding wider than the
+input), used by the CPU and GPU tests.
 
 Each entry: (id, input_shape, weight_shape, conv kwargs).
 """
@@ -29,6 +30,7 @@ PROBLEMS = [
     ("same_dil", (1, 2, 7, 7), (2, 2, 3, 3), dict(padding="same", dilation=2)),
     ("valid", (1, 2, 6, 6), (2, 2, 3, 3), dict(padding="valid")),
     ("kernel_eq_input", (2, 3, 5, 4), (2, 3, 5, 4), dict()),
+    ("pad_wider_than_input", (2, 2, 3, 2), (4, 2, 7, 7), dict(padding=3)),  # 'same' 7x7, 2 wide
 ]
 
 IDS = [p[0] for p in PROBLEMS]
