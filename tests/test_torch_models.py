@@ -12,49 +12,11 @@ torch = pytest.importorskip("torch", reason="gpuconv.torch needs PyTorch (pip in
 
 import gpuconv.torch as gt  # noqa: E402
 
+from .test_models import torch_resnet18  # noqa: E402  (the one torch ResNet-18 of the tests)
 from .test_torch_ops import DEVICES, exact_torch_reference  # noqa: E402,F401 (autouse fixture)
 
 nn = torch.nn
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-class BasicBlock(nn.Module):
-    """ResNet's basic block: two 3x3 conv + BN, identity or 1x1-conv shortcut, then ReLU."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18's layout (7x7/2 stem, 3x3/2 max-pool, 4 stages x 2 basic blocks, global
-    average pool, linear) at 1/8 of its widths, so that it runs in a CPU test."""
-
-    def __init__(self, widths=(8, 16, 32, 64), classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 7, 2, 3, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
-        blocks, c = [], widths[0]
-        for i, w in enumerate(widths):
-            blocks += [BasicBlock(c, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
-            c = w
-        self.stages = nn.Sequential(*blocks)
-        self.fc = nn.Linear(c, classes)
-
-    def forward(self, x):
-        x = self.stages(self.stem(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def _small_cnn():
@@ -93,7 +55,9 @@ def _grads(model, x, labels):
                                               (torch.float64, 1e-10, "channels_last")])
 def test_resnet18_converted_trains_like_the_original(dtype, tol, layout, device):
     torch.manual_seed(0)
-    ref = ResNet18().to(device, dtype)
+    # ResNet-18's layout (7x7/2 stem, 3x3/2 max-pool, 4 stages x 2 basic blocks, average pool,
+    # linear) at 1/8 of its widths, so that it runs in a CPU test
+    ref = torch_resnet18(torch, 10, 3, small_input=False, width=8).to(device, dtype)
     model = gt.convert(ref)
     assert sum(isinstance(m, gt.Conv2d) for m in model.modules()) == 20
     assert sum(isinstance(m, gt.MaxPool2d) for m in model.modules()) == 1
