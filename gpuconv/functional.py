@@ -15,7 +15,7 @@ import numbers
 import numpy as np
 
 from ._arrays import check_arrays, check_shape
-from .problem import ConvProblem, PoolProblem, _pair
+from .problem import ConvProblem, PoolProblem, _pair, conv_transpose_output_size
 
 __all__ = [
     "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias",
@@ -285,8 +285,8 @@ def _transpose_problem(x_shape, weight_shape, stride, padding, output_padding, g
         if not (op_ < s_ or op_ < d_):  # PyTorch's rule
             raise ValueError(f"output_padding ({oph}, {opw}) must be smaller than either "
                              f"stride ({sh}, {sw}) or dilation ({dh}, {dw})")
-    h_out = (H - 1) * sh - 2 * ph + dh * (R - 1) + oph + 1
-    w_out = (W - 1) * sw - 2 * pw + dw * (S - 1) + opw + 1
+    h_out = conv_transpose_output_size(H, R, sh, ph, dh, oph)
+    w_out = conv_transpose_output_size(W, S, sw, pw, dw, opw)
     if h_out < 1 or w_out < 1:
         raise ValueError(f"conv_transpose2d: output size would be {h_out}x{w_out} for input "
                          f"{H}x{W}: padding {(ph, pw)} is too large")

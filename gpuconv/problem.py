@@ -361,5 +361,13 @@ def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
     return p.P
 
 
-__all__ = ["ConvProblem", "PoolProblem", "conv_output_size", "phase_taps", "phase_rows",
-           "OPS"]
+def conv_transpose_output_size(size, kernel, stride=1, padding=0, dilation=1, output_padding=0):
+    """Output length of one axis of a transposed convolution (PyTorch's formula): the input
+    length of the convolution whose input gradient it is, plus output_padding -- the largest
+    length that convolution maps back to `size` is (size - 1) * stride - 2 * padding +
+    dilation * (kernel - 1) + 1."""
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+__all__ = ["ConvProblem", "PoolProblem", "conv_output_size", "conv_transpose_output_size",
+           "phase_taps", "phase_rows", "OPS"]
