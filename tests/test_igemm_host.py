@@ -221,14 +221,19 @@ def test_grid_z_limit_is_checked_in_supports():
     assert ig.launch_grid("fprop", tall, t)[1] == 65536 and not ig.grid_fits("fprop", tall, t)
 
 
-def test_winograd_takes_bfloat16():
-    """Its GEMM is an fp32 cupy.matmul on the float32 transforms, so bf16 needs no bf16 GEMM."""
+def test_winograd_not_offered_for_16bit():
+    """fp32 transforms and an fp32 GEMM would forgo the tensor cores: 16-bit inputs go to igemm."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     p = ConvProblem(2, 8, 9, 9, 8, 3, 3, 1, 1)
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    assert ig.WinogradAlgorithm("fprop").supports(p, bf16)
-    assert ig.WinogradAlgorithm("dgrad").supports(p, bf16)
-    assert "wino_input<ig_bf16, float>" in dict(ig.IGEMM_KERNELS)["winograd.cu"]
+    for dt in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+        for op in ("fprop", "dgrad"):
+            assert not ig.WinogradAlgorithm(op).supports(p, dt)
+            assert ig.IgemmAlgorithm(op, True, "128x128").supports(p, dt)
+    for dt in (np.float32, np.float64):
+        assert ig.WinogradAlgorithm("fprop").supports(p, np.dtype(dt))
+    names = dict(ig.IGEMM_KERNELS)["winograd.cu"]
+    assert "wino_input<float, float>" in names
+    assert not any("ig_f16" in n or "ig_bf16" in n for n in names)
 
 
 def test_args_struct_is_packed_int32():

@@ -10,8 +10,9 @@ Algorithms (names as registered in ``cuda_registry.ALGORITHMS[op]``):
     igemm_simt_<BM>x<BN>   fprop/dgrad/wgrad, float32 / float64, FMA on CUDA cores
     igemm_tc_<BM>x<BN>     fprop/dgrad/wgrad, float16 / bfloat16 (mma m16n8k16, fp32 accumulate);
                            float32 only while TF32 is allowed (gpuconv.set_allow_tf32, mma m16n8k8)
-    winograd_f2x3          fprop and dgrad, 3x3 stride 1 dilation 1, every dtype (its GEMM is
-                           cupy.matmul on the float32 (float64) transforms, bf16 included)
+    winograd_f2x3          fprop and dgrad, 3x3 stride 1 dilation 1, float32 / float64 only (its
+                           GEMM is cupy.matmul on float32 (float64) transforms; not offered for
+                           16-bit inputs, see WINO_CTYPES)
     direct_depthwise       fprop/dgrad/wgrad, groups == C (one input channel per group)
 Each registered function has ``supports(p, dtype) -> bool``, which the autotuner reads.
 """
@@ -62,6 +63,12 @@ IGEMM_CONFIGS = {
 ITEMSIZE = {"float": 4, "double": 8, "ig_f16": 2, "ig_bf16": 2}
 ACC_CTYPE = {"float": "float", "double": "double", "ig_f16": "float", "ig_bf16": "float"}
 DIRECT_CTYPES = ("float", "double", "ig_f16", "ig_bf16")
+# Winograd is not offered for float16 / bfloat16 (issue 12, item 3): its transforms U, V, M are
+# float32 in global memory and its batched GEMM is an fp32 cupy.matmul on CUDA cores, so for
+# 16-bit inputs it moves twice the bytes and gives up the tensor cores that the implicit GEMM
+# (igemm_tc_*) uses; keeping the transforms in 16 bits instead would round B^T d B and G g G^T a
+# second time (an error a 16-bit user did not ask for). A tensor-core Winograd is left undone.
+WINO_CTYPES = ("float", "double")
 
 
 def ctype_of(dtype):
@@ -86,7 +93,7 @@ def _igemm_names(op):
 
 def _wino_names():
     return tuple(f"{k}<{ct}, {ACC_CTYPE[ct]}>" for k in ("wino_filter", "wino_input",
-                                                          "wino_output") for ct in DIRECT_CTYPES)
+                                                          "wino_output") for ct in WINO_CTYPES)
 
 
 #: THE list: (file in kernels/, name expressions). The loader compiles exactly these, the
@@ -383,8 +390,8 @@ class WinogradAlgorithm:
         self.op = op
 
     def supports(self, p: ConvProblem, dtype) -> bool:
-        # bfloat16 too: the transforms are float32 (Acc), so cupy.matmul never sees bf16
-        return winograd_supports(p) and ctype_of(dtype) is not None and fits_int32(p)
+        # float32 / float64 only: see WINO_CTYPES for why 16-bit inputs are not offered
+        return winograd_supports(p) and ctype_of(dtype) in WINO_CTYPES and fits_int32(p)
 
     def __call__(self, p, *arrays):
         import cupy
