@@ -100,8 +100,10 @@ inline void error(const char* what) {
 }
 inline void entry() { body(body_arg); fibers[cur].state = DONE; }
 
+inline void cp_reset(unsigned n);
 inline void run_block(unsigned n) {
     if (fibers.size() < n) fibers.resize(n, Fiber{});
+    cp_reset(n);
     for (unsigned t = 0; t < n; ++t) {
         Fiber& f = fibers[t];
         if (!f.stack) f.stack = (char*)malloc(STACK);
@@ -256,6 +258,108 @@ inline void gc_ptx_mma_sync_aligned_m16n8k8_row_col_f32_tf32_tf32_f32(GC_MMA_ARG
     gc::mma<2>(GC_MMA_CALL);
 }
 
+// ---- cp.async, ldmatrix, __cvta_generic_to_shared of igemm3_common.cuh, emulated ----
+// Shared addresses are 32-bit offsets from an anchor in this library's static storage (where
+// every __shared__ variable lives): __cvta_generic_to_shared(p) = p - anchor, gc::smem(a) back.
+inline char gc_shared_anchor[16];
+inline size_t __cvta_generic_to_shared(const void* p) {
+    return (size_t)((const char*)p - gc_shared_anchor);
+}
+namespace gc {
+inline unsigned char* smem(unsigned a) { return (unsigned char*)gc_shared_anchor + (int)a; }
+inline long cp_async_issued = 0, cp_async_landed = 0, ldmatrix_calls = 0;   // for tests
+// cp.async: a copy is RECORDED at issue (its source bytes read then) and lands in shared memory
+// only at the cp.async.wait_group that retires its group; the destination is poisoned (0xFF:
+// NaN as f16/bf16/f32) at issue, so a read before the matching wait sees NaN.
+struct CpCopy { unsigned char* dst; unsigned char data[16]; };
+struct CpThread { std::vector<CpCopy> open; std::vector<std::vector<CpCopy>> groups; };
+inline std::vector<CpThread> cp_threads;
+inline unsigned tid_flat() {
+    return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+inline void cp_reset(unsigned n) {   // a block starts with nothing in flight
+    cp_threads.assign(n, CpThread{});
+}
+inline void cp_land(std::vector<CpCopy>& g) {
+    for (auto& c : g) { memcpy(c.dst, c.data, 16); ++cp_async_landed; }
+}
+}  // namespace gc
+inline void gc_ptx_cp_async_cg_shared_global(unsigned dst, const void* src, int src_size) {
+    unsigned char* d = gc::smem(dst);
+    if ((uintptr_t)d % 16 || (src_size && (uintptr_t)src % 16))
+        gc::error("cp.async of 16 bytes at a misaligned address");
+    if (src_size != 0 && src_size != 16) gc::error("cp.async src-size must be 0 or 16 here");
+    gc::CpCopy c;
+    c.dst = d;
+    memset(c.data, 0, 16);                      // src-size 0: zero-fill, nothing read
+    if (src_size) memcpy(c.data, src, src_size);
+    memset(d, 0xFF, 16);                        // poisoned until the matching wait
+    gc::cp_threads[gc::tid_flat()].open.push_back(c);
+    ++gc::cp_async_issued;
+}
+inline void gc_ptx_cp_async_commit_group() {
+    gc::CpThread& t = gc::cp_threads[gc::tid_flat()];
+    t.groups.push_back(std::move(t.open));
+    t.open.clear();
+}
+inline void gc_ptx_cp_async_wait_group(int n) {   // all but the newest n committed groups land
+    gc::CpThread& t = gc::cp_threads[gc::tid_flat()];
+    while ((int)t.groups.size() > n) {
+        gc::cp_land(t.groups.front());
+        t.groups.erase(t.groups.begin());
+    }
+}
+namespace gc {
+// ldmatrix is warp-collective, like mma: every lane deposits its row address, a barrier, every
+// lane reads its fragments (same two-slot-set scheme as mma_slots). PTX ISA: for .xN, lane i
+// (i < 8N) gives the address of row i % 8 of matrix i / 8 (16 bytes, 16-byte aligned); thread t
+// receives, of each matrix j, register d_j = row t / 4, b16 elements 2(t%4), 2(t%4)+1; with
+// .trans the matrix is transposed: d_j = elements (row 2(t%4), col t/4), (row 2(t%4)+1, col t/4).
+inline std::vector<unsigned> ldsm_slots;   // [2][threads]
+inline void ldmatrix(unsigned* d, int num, bool trans, unsigned addr) {
+    const unsigned n = blockDim.x * blockDim.y * blockDim.z, tid = tid_flat();
+    if (ldsm_slots.size() < 2 * n) ldsm_slots.resize(2 * n);
+    const unsigned set = (fibers[cur].syncs & 1) * n;
+    ldsm_slots[set + tid] = addr;
+    if (addr % 16) error("ldmatrix row address not 16-byte aligned");
+    __syncthreads();
+    ++ldmatrix_calls;
+    const unsigned warp0 = set + (tid & ~31u), t = tid & 31;
+    for (int j = 0; j < num; ++j) {
+        unsigned short h[2];
+        for (int e = 0; e < 2; ++e) {
+            unsigned row, col;   // element (row, col) of matrix j, col in b16 units
+            if (trans) { row = 2 * (t % 4) + e; col = t / 4; }
+            else { row = t / 4; col = 2 * (t % 4) + e; }
+            memcpy(&h[e], smem(ldsm_slots[warp0 + 8 * j + row]) + 2 * col, 2);
+        }
+        d[j] = (unsigned)h[0] | ((unsigned)h[1] << 16);
+    }
+}
+}  // namespace gc
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x4_shared_b16(unsigned& d0, unsigned& d1,
+                                                           unsigned& d2, unsigned& d3, unsigned a) {
+    unsigned d[4]; gc::ldmatrix(d, 4, false, a); d0 = d[0]; d1 = d[1]; d2 = d[2]; d3 = d[3];
+}
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x4_trans_shared_b16(unsigned& d0, unsigned& d1,
+                                                                 unsigned& d2, unsigned& d3,
+                                                                 unsigned a) {
+    unsigned d[4]; gc::ldmatrix(d, 4, true, a); d0 = d[0]; d1 = d[1]; d2 = d[2]; d3 = d[3];
+}
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x2_shared_b16(unsigned& d0, unsigned& d1, unsigned a) {
+    unsigned d[2]; gc::ldmatrix(d, 2, false, a); d0 = d[0]; d1 = d[1];
+}
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x2_trans_shared_b16(unsigned& d0, unsigned& d1,
+                                                                 unsigned a) {
+    unsigned d[2]; gc::ldmatrix(d, 2, true, a); d0 = d[0]; d1 = d[1];
+}
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x1_shared_b16(unsigned& d0, unsigned a) {
+    gc::ldmatrix(&d0, 1, false, a);
+}
+extern "C" GC_EXPORT long gc_cp_async_issued() { return gc::cp_async_issued; }
+extern "C" GC_EXPORT long gc_cp_async_landed() { return gc::cp_async_landed; }
+extern "C" GC_EXPORT long gc_ldmatrix_calls() { return gc::ldmatrix_calls; }
+
 extern "C" GC_EXPORT void gc_set_order(int order, unsigned long long seed) {
     gc::order = order;
     gc::seed = seed;
@@ -340,6 +444,40 @@ def build(workdir=WORKDIR):
                                                 dict(ig.IGEMM_KERNELS)[f], workdir), todo)
         _libs.update(zip(todo, built))
     return _libs
+
+
+def build3(defines=(), workdir=WORKDIR):
+    """Compile the third-generation kernel files (cuda_igemm3.IGEMM3_KERNELS) for the host, with
+    `defines` (e.g. the kernels' IG3_MUTATE_* switches) #defined first; returns
+    {file: Library}. Cached by content like build()."""
+    from gpuconv.engines import cuda_igemm3 as ig3
+    os.makedirs(workdir, exist_ok=True)
+    out = {}
+    for f, names in ig3.IGEMM3_KERNELS:
+        label = f[:-3] + "".join("-" + d for d in defines)
+        if label not in _libs:
+            text = "".join(f"#define {d}\n" for d in defines) + kernel_source(f)
+            _libs[label] = compile_source(label, emulate_ptx(text), names, workdir)
+        out[f] = _libs[label]
+    return out
+
+
+def install3(monkeypatch, libs, sm_count=132):
+    """Route cuda_igemm3's launches to the CPU through the Libraries `libs` (build3's result)."""
+    from gpuconv.engines import cuda_igemm3 as ig3
+    by_name = {n: lib for lib in libs.values() for n in lib.names}
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    monkeypatch.setattr(ig3, "get_kernel", lambda name: HostKernel(name, by_name[name]))
+    monkeypatch.setattr(ig3, "_current_sm_count", lambda: sm_count)
+    reset()
+
+
+def counters(lib):
+    """(cp.async issued, cp.async landed, ldmatrix calls) of one Library so far."""
+    d = lib.dll
+    for f in (d.gc_cp_async_issued, d.gc_cp_async_landed, d.gc_ldmatrix_calls):
+        f.restype = ctypes.c_long
+    return d.gc_cp_async_issued(), d.gc_cp_async_landed(), d.gc_ldmatrix_calls()
 
 
 def set_order(order, seed=1):

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import cuda_im2col  # noqa: I001  (first generation first: catalogue order)
 from . import cuda_igemm
+from . import cuda_igemm3
 
 #: op -> {algorithm name -> function}
 ALGORITHMS: dict = {"fprop": {}, "dgrad": {}, "wgrad": {}}
@@ -116,5 +117,5 @@ def select(op, p, dtype):
 
 # every algorithm module registers itself, first generation first (registry order = the
 # autotuner's candidate order)
-for _module in (cuda_im2col, cuda_igemm):
+for _module in (cuda_im2col, cuda_igemm, cuda_igemm3):
     _module.register(register_algorithm)
