@@ -87,11 +87,11 @@ igemm3_fprop(const T* __restrict__ x, const T* __restrict__ w, const T* __restri
         a_taps[i].build(ok, h0, w0, a.H, a.W, a.R, a.S, a.dil_h, a.dil_w);
     }
     long long b_off[Cfg::B_RPT];
-    bool b_ok[Cfg::B_RPT];
+    unsigned b_ok[Cfg::B_RPT];
 #pragma unroll
     for (int i = 0; i < Cfg::B_RPT; ++i) {
         const int n = n0 + row0 + i * Cfg::RSTEP;
-        b_ok[i] = n < a.Kg;
+        b_ok[i] = n < a.Kg ? 1u : 0u;
         b_off[i] = (long long)(g * a.Kg + (b_ok[i] ? n : 0)) * a.gemm_k + chunk * KV;
     }
     // shared byte offsets of this thread's chunks inside a stage (swizzled)
@@ -100,21 +100,22 @@ igemm3_fprop(const T* __restrict__ x, const T* __restrict__ w, const T* __restri
 
     Ig3KIter ld;
     ld.init(it0, a.Cg, a.S, BK, a.W, a.C, a.dil_h, a.dil_w);
-    auto issue = [&](int stage) {
+    auto issue = [&](int stage) {   // branch-free: validity is a bit, the source a select
         const unsigned st = sbase + (unsigned)(stage * Cfg::STAGE_CHUNKS) * 16u;
-        const bool cok = ld.c0 + chunk * KV < a.Cg;
+        const unsigned cok = ld.c0 + chunk * KV < a.Cg ? 1u : 0u;
+        const long long xk = ld.xoff + ld.c0;
 #pragma unroll
         for (int i = 0; i < Cfg::A_RPT; ++i) {
-            const bool v = cok && a_taps[i].ok(ld.r, ld.s);
-            const T* src = v ? x + (a_off[i] + ld.xoff + ld.c0) : x;
-            ig3_cp_async16(st + a_dst + (unsigned)(i * Cfg::RSTEP * CPR * 16), src, v);
+            const unsigned v = cok & (a_taps[i].mr >> ld.r) & (a_taps[i].ms >> ld.s);
+            const long long off = (v & 1u) ? a_off[i] + xk : 0;
+            ig3_cp_async16(st + a_dst + (unsigned)(i * Cfg::RSTEP * CPR * 16), x + off, v & 1u);
         }
         const long long kb = (long long)ld.rs * a.Cg + ld.c0;
 #pragma unroll
         for (int i = 0; i < Cfg::B_RPT; ++i) {
-            const bool v = cok && b_ok[i];
-            const T* src = v ? w + (b_off[i] + kb) : w;
-            ig3_cp_async16(st + b_dst + (unsigned)(i * Cfg::RSTEP * CPR * 16), src, v);
+            const unsigned v = cok & b_ok[i];
+            const long long off = v ? b_off[i] + kb : 0;
+            ig3_cp_async16(st + b_dst + (unsigned)(i * Cfg::RSTEP * CPR * 16), w + off, v);
         }
         ld.next();
     };

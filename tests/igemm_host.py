@@ -74,6 +74,7 @@ SHIM = BASE_SHIM + r"""
 #define __launch_bounds__(...)
 #define GC_EXPORT __attribute__((visibility("default")))
 struct __attribute__((aligned(16))) uint4 { unsigned int x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 using std::min;
 using std::max;
 
