@@ -56,7 +56,7 @@ struct Ig3Cfg {
 };
 
 template <typename T, int MODE, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
-__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 1)
 igemm3_fprop(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
              T* __restrict__ y, float* __restrict__ ws, const Igemm3Args a) {
     typedef Ig3Cfg<T, MODE, BM, BN, BK, WARPS_M, WARPS_N, STAGES> Cfg;
@@ -86,13 +86,13 @@ igemm3_fprop(const T* __restrict__ x, const T* __restrict__ w, const T* __restri
                    chunk * KV;
         a_taps[i].build(ok, h0, w0, a.H, a.W, a.R, a.S, a.dil_h, a.dil_w);
     }
-    long long b_off[Cfg::B_RPT];
+    int b_off[Cfg::B_RPT];   // K * R * S * Cg <= 2^31 - 1 (host: fits_int32)
     unsigned b_ok[Cfg::B_RPT];
 #pragma unroll
     for (int i = 0; i < Cfg::B_RPT; ++i) {
         const int n = n0 + row0 + i * Cfg::RSTEP;
         b_ok[i] = n < a.Kg ? 1u : 0u;
-        b_off[i] = (long long)(g * a.Kg + (b_ok[i] ? n : 0)) * a.gemm_k + chunk * KV;
+        b_off[i] = (g * a.Kg + (b_ok[i] ? n : 0)) * a.gemm_k + chunk * KV;
     }
     // shared byte offsets of this thread's chunks inside a stage (swizzled)
     const unsigned a_dst = (unsigned)ig3_swz_store<CPR>(row0, chunk) * 16u;
@@ -110,11 +110,11 @@ igemm3_fprop(const T* __restrict__ x, const T* __restrict__ w, const T* __restri
             const long long off = (v & 1u) ? a_off[i] + xk : 0;
             ig3_cp_async16(st + a_dst + (unsigned)(i * Cfg::RSTEP * CPR * 16), x + off, v & 1u);
         }
-        const long long kb = (long long)ld.rs * a.Cg + ld.c0;
+        const int kb = ld.rs * a.Cg + ld.c0;
 #pragma unroll
         for (int i = 0; i < Cfg::B_RPT; ++i) {
             const unsigned v = cok & b_ok[i];
-            const long long off = v ? b_off[i] + kb : 0;
+            const int off = v ? b_off[i] + kb : 0;
             ig3_cp_async16(st + b_dst + (unsigned)(i * Cfg::RSTEP * CPR * 16), w + off, v);
         }
         ld.next();
