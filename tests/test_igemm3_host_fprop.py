@@ -157,6 +157,21 @@ def test_no_bias_and_uneven_splits(host):
     assert ih.launches[0][3][0]["splits"][0] == 3
 
 
+def test_bad_arguments_are_named(host):
+    p = ConvProblem.from_args((1, 8, 4, 4), (8, 8, 3, 3))
+    algo = ig3.Igemm3Fprop("128x64")
+    x = np.ones((1, 4, 4, 8), np.float16)
+    w = np.ones((8, 3, 3, 8), np.float16)
+    with pytest.raises(ValueError, match="NHWC"):
+        algo(p, ih.to_device(x.transpose(0, 3, 1, 2).copy()), ih.to_device(w))   # NCHW given
+    with pytest.raises(ValueError, match="x must be 16-byte aligned"):
+        algo(p, ih.to_device(x, offset=1), ih.to_device(w))
+    with pytest.raises(TypeError, match="w is float32"):
+        algo(p, ih.to_device(x), ih.to_device(w.astype(np.float32)))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        algo(p, ih.to_device(x), ih.to_device(w), ih.to_device(np.ones(3, np.float16)))
+
+
 def test_supports_rules():
     f16 = np.dtype(np.float16)
     a = ig3.Igemm3Fprop("128x128")

@@ -210,9 +210,15 @@ class Igemm3Fprop:
         if x.shape != (p.N, p.H, p.W, p.C) or w.shape != (p.K, p.R, p.S, p.Cg):
             raise ValueError(f"{self.name} takes physical NHWC x {(p.N, p.H, p.W, p.C)} and KRSC "
                              f"w {(p.K, p.R, p.S, p.Cg)}, got {x.shape} and {w.shape}")
-        for nm, arr in (("x", x), ("w", w)):
-            if arr.data.ptr % 16:
-                raise ValueError(f"{self.name}: {nm} must be 16-byte aligned")
+        for nm, arr in (("x", x), ("w", w)) + ((("bias", bias),) if bias is not None else ()):
+            if arr.dtype != x.dtype:
+                raise TypeError(f"{self.name}: {nm} is {arr.dtype}, x is {x.dtype}")
+            if not arr.flags.c_contiguous:
+                raise ValueError(f"{self.name}: {nm} must be C-contiguous (physical layout)")
+            if nm != "bias" and arr.data.ptr % 16:
+                raise ValueError(f"{self.name}: {nm} must be 16-byte aligned (cp.async)")
+        if bias is not None and bias.shape != (p.K,):
+            raise ValueError(f"{self.name}: bias must have shape {(p.K,)}, got {bias.shape}")
         y = cupy.empty((p.N, p.P, p.Q, p.K), x.dtype)
         splits = self.splits if self.splits is not None else fprop_splits(
             p, tile, _current_sm_count())

@@ -11,7 +11,10 @@ the op's device current::
 
     fprop: fn(p, x, w, bias) -> y        dgrad: fn(p, w, dy) -> dx       wgrad: fn(p, x, dy) -> dw
 
-and may carry ``supports(p, dtype) -> bool`` (the autotuner lists only supporting ones).
+and may carry ``supports(p, dtype) -> bool`` (the autotuner lists only supporting ones) and
+``layouts`` (memory formats they take, CONTRACT-layouts: absent = ("nchw",); the third
+generation, cuda_igemm3, is ("nhwc",) and takes physical NHWC arrays) and ``generation``
+(3: offered to "auto" only while gpuconv.config.third_generation_enabled()).
 """
 from __future__ import annotations
 
