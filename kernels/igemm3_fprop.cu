@@ -55,6 +55,17 @@ struct Ig3Cfg {
     static_assert(STAGES * STAGE_CHUNKS * 16 <= 48 * 1024, "static shared memory");
 };
 
+// Two adjacent outputs, 8-byte (float) or 4-byte (16-bit) aligned, in one store.
+template <typename T>
+__device__ __forceinline__ void ig3_store2(T* p, float v0, float v1) {
+    if constexpr (sizeof(T) == 4) {
+        *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+    } else {
+        const T h0 = IgNum<T>::from_acc(v0), h1 = IgNum<T>::from_acc(v1);
+        *reinterpret_cast<unsigned*>(p) = (unsigned)h0.bits | ((unsigned)h1.bits << 16);
+    }
+}
+
 template <typename T, int MODE, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
 __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 1)
 igemm3_fprop(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
@@ -188,29 +199,42 @@ igemm3_fprop(const T* __restrict__ x, const T* __restrict__ w, const T* __restri
     ig3_cp_wait<0>();
 
     // ---- epilogue: fused bias (or fp32 partials for the split-K reduce) ----
+    // A thread holds columns (2 lt, 2 lt + 1) of each 8-column tile: one paired store (32 bits
+    // for 16-bit T, 64 for float) where both are inside and the pair is aligned (col even, K even).
     const int lg = lane >> 2, lt = lane & 3;
     const bool partial = a.splits > 1;
     float* wsp = ws + (partial ? (long long)split * a.gemm_m * a.K : 0);
 #pragma unroll
-    for (int j = 0; j < Cfg::NI; ++j)
-#pragma unroll
-        for (int e1 = 0; e1 < 2; ++e1) {
-            const int n = n0 + wn0 + 8 * j + 2 * lt + e1;
-            if (n >= a.Kg) continue;
-            const int col = g * a.Kg + n;
-            const float b = (!partial && a.has_bias) ? IgNum<T>::to_acc(bias[col]) : 0.0f;
-#pragma unroll
-            for (int i = 0; i < Cfg::MI; ++i)
-#pragma unroll
-                for (int e0 = 0; e0 < 2; ++e0) {
-                    const int m = m0 + wm0 + 16 * i + 8 * e0 + lg;
-                    if (m >= a.gemm_m) continue;
-                    const long long o = (long long)m * a.K + col;
-                    const float v = acc[i][j][2 * e0 + e1];
-                    if (partial) wsp[o] = v;
-                    else y[o] = IgNum<T>::from_acc(v + b);
-                }
+    for (int j = 0; j < Cfg::NI; ++j) {
+        const int n = n0 + wn0 + 8 * j + 2 * lt;   // even
+        if (n >= a.Kg) continue;
+        const int col = g * a.Kg + n;
+        const bool two = n + 1 < a.Kg;
+        const bool pair = two && ((col | a.K) & 1) == 0;
+        float b0 = 0.0f, b1 = 0.0f;
+        if (!partial && a.has_bias) {
+            b0 = IgNum<T>::to_acc(bias[col]);
+            if (two) b1 = IgNum<T>::to_acc(bias[col + 1]);
         }
+#pragma unroll
+        for (int i = 0; i < Cfg::MI; ++i)
+#pragma unroll
+            for (int e0 = 0; e0 < 2; ++e0) {
+                const int m = m0 + wm0 + 16 * i + 8 * e0 + lg;
+                if (m >= a.gemm_m) continue;
+                const long long o = (long long)m * a.K + col;
+                const float v0 = acc[i][j][2 * e0], v1 = acc[i][j][2 * e0 + 1];
+                if (partial) {
+                    if (pair) { *reinterpret_cast<float2*>(wsp + o) = make_float2(v0, v1); }
+                    else { wsp[o] = v0; if (two) wsp[o + 1] = v1; }
+                } else if (pair) {
+                    ig3_store2(y + o, v0 + b0, v1 + b1);
+                } else {
+                    y[o] = IgNum<T>::from_acc(v0 + b0);
+                    if (two) y[o + 1] = IgNum<T>::from_acc(v1 + b1);
+                }
+            }
+    }
 }
 
 // y[m, k] = sum over splits (in order) of ws[split][m][k] + bias[k]; grid-stride over M*K.

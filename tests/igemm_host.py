@@ -75,6 +75,8 @@ SHIM = BASE_SHIM + r"""
 #define GC_EXPORT __attribute__((visibility("default")))
 struct __attribute__((aligned(16))) uint4 { unsigned int x, y, z, w; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct __attribute__((aligned(8))) float2 { float x, y; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 using std::min;
 using std::max;
 

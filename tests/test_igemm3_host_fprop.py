@@ -79,8 +79,10 @@ CASES = [  # (id, x shape, w shape, kwargs): tiny, every geometry feature
     ("groups", (2, 16, 5, 5), (24, 8, 3, 3), dict(padding=1, groups=2)),
     ("odd_1x1_asym", (3, 24, 3, 5), (7, 24, 1, 1), dict(stride=(1, 2))),   # K = 7: odd columns
     ("cg40_wide_pad", (1, 40, 4, 3), (9, 40, 3, 3), dict(padding=3)),       # Cg not / BK
+    ("odd_group_cols", (1, 16, 4, 5), (10, 8, 3, 3), dict(padding=1, groups=2)),  # g*Kg odd
 ]
-DTYPES = [("float16", "128x128"), ("bfloat16", "128x64"), ("float32+tf32", "128x64")]
+DTYPES = [("float16", "128x128"), ("bfloat16", "128x64"), ("float32+tf32", "128x64"),
+          ("float16", "128x64")]
 
 
 @pytest.mark.parametrize("dtype,label", DTYPES, ids=[f"{d}-{t}" for d, t in DTYPES])
@@ -114,7 +116,8 @@ def test_fprop_launch_and_pipeline_counts(host):
     assert ldsm > 0
 
 
-SPLIT = [("float16", "128x128"), ("bfloat16", "128x64"), ("float32+tf32", "128x128")]
+SPLIT = [("float16", "128x128"), ("bfloat16", "128x64"), ("float32+tf32", "128x128"),
+         ("bfloat16", "128x128")]
 
 
 @pytest.mark.parametrize("dtype,label", SPLIT, ids=[f"{d}-{t}" for d, t in SPLIT])
