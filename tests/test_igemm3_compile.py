@@ -12,7 +12,7 @@ import pytest
 from gpuconv import cuda as _cuda
 from gpuconv.engines import cuda_igemm3 as ig3
 
-from .test_igemm_compile import ARCHS, NVCC, _parse
+from .test_igemm_compile import ARCHS, NVCC, assert_no_spills
 from .test_igemm3_host_emulation import SELFTEST, _read
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolkit not installed)")
@@ -50,12 +50,5 @@ def builds():
 def test_compiles_without_spills(builds, file, arch, record_property):
     rc, log = builds[(file, arch)]
     assert rc == 0, f"nvcc failed for {file} ({arch}):\n{log}"
-    stats = _parse(log)
-    want = len(dict(ig3.IGEMM3_KERNELS)[file]) if file in dict(ig3.IGEMM3_KERNELS) else len(SELFTEST)
-    assert len(stats) == want, f"expected {want} kernels, ptxas reported {stats}"
-    for kernel, (regs, stack, st, ld) in sorted(stats.items()):
-        record_property(f"{arch}:{kernel}:registers", regs)
-        print(f"{arch} {regs:4d} regs  {kernel}")
-        assert st == 0 and ld == 0, f"{kernel} ({arch}) spills: {st} B stored, {ld} B loaded"
-        assert stack == 0, f"{kernel} ({arch}) has a {stack}-byte stack frame (local memory)"
-        assert regs <= 255
+    want = len(dict(ig3.IGEMM3_KERNELS).get(file, SELFTEST))
+    assert_no_spills(log, arch, want, record_property)

@@ -26,6 +26,7 @@ import numpy as np
 from ..config import get_allow_tf32
 from ..kernel_loader import add_kernels, get_kernel, require_cuda
 from ..problem import ConvProblem
+from . import cuda_igemm as _gen2   # shared public helpers (dtype -> C++ type names)
 
 MODE_F16, MODE_TF32 = 1, 2   # IG_MODE_* of kernels/igemm_common.cuh
 MAX_RS = 32                  # IG3_MAX_RS: a tap mask is one 32-bit word
@@ -69,8 +70,10 @@ CTYPES = ("ig_f16", "ig_bf16", "float")
 
 
 def ctype_of(dtype):
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    return {"float32": "float", "float16": "ig_f16", "bfloat16": "ig_bf16"}.get(name)
+    """numpy dtype (or name) -> the kernels' C++ storage type (the second generation's names),
+    or None for a dtype the third generation does not take (float64)."""
+    ct = _gen2.ctype_of(dtype)
+    return ct if ct in CTYPES else None
 
 
 def kernel_name(op, ctype, mode, t: Tile3) -> str:
