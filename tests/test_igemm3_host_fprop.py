@@ -194,6 +194,8 @@ def test_supports_rules():
     # 64-bit offsets: x of 2^31+ elements is fine (offsets are 64-bit) while GEMM rows fit int32
     big_x = ConvProblem.from_args((2**16, 16, 64, 64), (8, 16, 1, 1))
     assert big_x.N * big_x.C * big_x.H * big_x.W > 2**31 and a.supports(big_x, f16)
+    big_img = ConvProblem.from_args((1, 8, 2**15, 2**15), (8, 8, 1, 1), stride=2**14)
+    assert a.supports(big_img, f16)   # one image of 2^33 elements: 64-bit offsets
     # GEMM rows past int32: refused
     huge = ConvProblem.from_args((2**17, 8, 128, 128), (8, 8, 1, 1))
     assert not a.supports(huge, f16)
@@ -215,3 +217,23 @@ def test_gated_off_auto_but_selectable(monkeypatch):
                    autotune.candidates(p, np.float16, reg.ALGORITHMS["fprop"]))  # nchw call
     nh = autotune.candidates(p, np.float16, reg.ALGORITHMS["fprop"], layout="nhwc")
     assert "igemm3_tc_128x128" in nh and "im2col_gemm" not in nh
+
+
+def test_offsets_past_2_to_31_elements(host, tmp_path):
+    """x of 2^33 elements (16 GiB of float16, a sparse file: only the 4 pixels read are real):
+    a 1x1 stride-2^14 convolution reads pixels whose element offsets pass 2^32. A 32-bit offset
+    anywhere on the way would read the wrong pixel (or fault)."""
+    H = W = 2**15
+    p = ConvProblem.from_args((1, 8, H, W), (8, 8, 1, 1), stride=2**14)
+    assert (p.P, p.Q) == (2, 2)
+    x = np.memmap(tmp_path / "x.bin", dtype=np.float16, mode="w+", shape=(1, H, W, 8))
+    rng = np.random.default_rng(5)
+    pix = rng.uniform(-1, 1, (2, 2, 8)).astype(np.float16)
+    for i in range(2):
+        for j in range(2):
+            x[0, i * 2**14, j * 2**14] = pix[i, j]
+    w = rng.uniform(-1, 1, (8, 1, 1, 8)).astype(np.float16)
+    y = ig3.Igemm3Fprop("128x64", splits=1)(p, x.view(ih.DevArray), ih.to_device(w))
+    ref = np.einsum("ijc,kc->ijk", pix.astype(np.float64), w[:, 0, 0].astype(np.float64))
+    cc.assert_close(np.asarray(y)[0], ref, "float16", "2^33-element x")
+    assert (0 * H * W + 2**14 * W + 2**14) * 8 > 2**32

@@ -147,11 +147,10 @@ def fprop_args(p: ConvProblem, tile: Tile3, *, splits=1, has_bias=False):
 
 
 def fits_int32(p: ConvProblem) -> bool:
-    """Sizes the kernels hold in int32: GEMM rows and columns, one image's and the weight's
-    extents (element offsets into x, w, y are formed in 64 bits, so the tensors themselves may
-    pass 2^31 elements)."""
-    return max(p.N * p.P * p.Q, p.H * p.W * p.C, p.K * p.R * p.S * p.Cg, p.P * p.Q * p.K,
-               p.N * p.H, p.K) <= INT32_MAX
+    """Sizes the kernels hold in int32: the GEMM's rows (N*P*Q) and the weight (K*R*S*Cg, its
+    offsets are int32). Offsets into x, y and the split-K workspace are formed in 64 bits, so
+    x and y themselves may pass 2^31 elements (tested on a sparse 2^33-element x)."""
+    return max(p.N * p.P * p.Q, p.K * p.R * p.S * p.Cg) <= INT32_MAX
 
 
 def channels_ok(p: ConvProblem, itemsize: int) -> bool:
