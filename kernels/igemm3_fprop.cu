@@ -30,7 +30,8 @@
 //
 // Mutation switches (tests/test_igemm3_host_mutations.py compiles the kernel with one defined
 // and asserts a wrong result): IG3_MUTATE_STAGE (read the wrong stage), IG3_MUTATE_WAIT (wait
-// for one group too few), IG3_MUTATE_NO_SWIZZLE_READ (igemm3_common.cuh), IG3_MUTATE_LDSM (A's
+// for one group too few), IG3_MUTATE_NO_BARRIER (no __syncthreads after the wait: caught by
+// the host's 'warp_ahead' fiber order), IG3_MUTATE_NO_SWIZZLE_READ (igemm3_common.cuh), IG3_MUTATE_LDSM (A's
 // ldmatrix lane -> matrix mapping transposed).
 // Variants: IGEMM3_CONFIGS in gpuconv/engines/cuda_igemm3.py (the one list).
 #include "igemm3_common.cuh"
@@ -161,7 +162,9 @@ igemm3_fprop(const T* __restrict__ x, const T* __restrict__ w, const T* __restri
 #else
         ig3_cp_wait<STAGES - 2>();
 #endif
+#ifndef IG3_MUTATE_NO_BARRIER
         __syncthreads();
+#endif
         if (it + STAGES - 1 < niter) issue(wr);
         ig3_cp_commit();
         wr = wr + 1 == STAGES ? 0 : wr + 1;

@@ -17,6 +17,9 @@ a block is a *fiber* (ucontext) on one OS thread:
   the library's symbol table) is filled with 0xFF bytes (NaN as float/double) before every
   block: a kernel that relied on shared memory being zero, or read what it never wrote, produces
   NaN.
+- warp-collective ops (mma.sync, ldmatrix) wait for their own warp only (gc::warp_sync), so
+  warps run ahead of each other between __syncthreads; the 'warp_ahead' order runs one warp
+  alone until it blocks, which turns a missing __syncthreads into a read of poisoned memory.
 - __syncthreads reached by only part of a block (divergent barrier: undefined behaviour on a GPU)
   and __ldg of a 16-byte vector at a misaligned address are recorded as errors, which the Python
   side raises after the launch.
@@ -81,7 +84,7 @@ using std::min;
 using std::max;
 
 namespace gc {
-enum { RUN, WAIT, DONE };
+enum { RUN, WAIT, DONE, WARP };   // WAIT: at __syncthreads; WARP: at a warp-collective op
 struct Fiber { ucontext_t ctx; int state; long syncs; char* stack; };
 const size_t STACK = 256 << 10;
 inline ucontext_t sched;
@@ -89,7 +92,8 @@ inline std::vector<Fiber> fibers;
 inline unsigned cur;
 inline void (*body)(void*);
 inline void* body_arg;
-inline int order = 0;                     // 0 forward, 1 reverse, 2 shuffled per interval
+inline int order = 0;   // 0 forward, 1 reverse, 2 shuffled per interval, 3 (4) warp-ahead: the
+                        // first (last) warp with work runs alone until it blocks at __syncthreads
 inline unsigned long long seed = 1;
 inline long errors = 0;
 inline char errmsg[512];
@@ -120,23 +124,51 @@ inline void run_block(unsigned n) {
     }
     std::vector<unsigned> perm(n);
     for (;;) {
-        for (unsigned i = 0; i < n; ++i) perm[i] = order == 1 ? n - 1 - i : i;
+        for (unsigned i = 0; i < n; ++i) perm[i] = (order == 1 || order == 4) ? n - 1 - i : i;
         if (order == 2)
             for (unsigned i = n; i > 1; --i) {
                 seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
                 std::swap(perm[i - 1], perm[(seed >> 33) % i]);
             }
+        int only = -1;   // warp-ahead: only the first warp (in perm order) that can run
+        if (order >= 3)
+            for (unsigned i = 0; i < n; ++i)
+                if (fibers[perm[i]].state == RUN) { only = (int)(perm[i] / 32); break; }
         for (unsigned i = 0; i < n; ++i) {
             const unsigned t = perm[i];
-            if (fibers[t].state != RUN) continue;
+            if (fibers[t].state != RUN || (only >= 0 && (int)(t / 32) != only)) continue;
             cur = t;
             threadIdx.x = t % blockDim.x;
             threadIdx.y = (t / blockDim.x) % blockDim.y;
             threadIdx.z = t / (blockDim.x * blockDim.y);
             swapcontext(&sched, &fibers[t].ctx);
         }
-        unsigned waiting = 0, done = 0;
-        for (unsigned t = 0; t < n; ++t) (fibers[t].state == WAIT ? waiting : done) += 1;
+        // a warp whose lanes all reached a warp-collective op goes on, whatever other warps do
+        bool released = false;
+        for (unsigned w0 = 0; w0 < n; w0 += 32) {
+            const unsigned w1 = std::min(n, w0 + 32);
+            unsigned at = 0, live = 0;
+            for (unsigned t = w0; t < w1; ++t) {
+                live += fibers[t].state != DONE;
+                at += fibers[t].state == WARP;
+            }
+            if (!at || at != live) continue;
+            if (live != w1 - w0) error("warp-collective op reached by only part of a warp");
+            for (unsigned t = w0; t < w1; ++t)
+                if (fibers[t].state == WARP) fibers[t].state = RUN;
+            released = true;
+        }
+        if (released) continue;
+        unsigned waiting = 0, done = 0, running = 0, warp = 0;
+        for (unsigned t = 0; t < n; ++t) {
+            const int st = fibers[t].state;
+            (st == WAIT ? waiting : st == DONE ? done : st == RUN ? running : warp) += 1;
+        }
+        if (running) continue;   // warp-ahead: the other warps' turn
+        if (warp) {   // lanes at a warp op while the rest of their warp waits at a barrier
+            error("warp-collective op reached by only part of a warp");
+            break;
+        }
         if (!waiting) break;
         ++barriers;
         if (done) error("__syncthreads reached by only part of the block");
@@ -188,6 +220,16 @@ inline void __syncthreads() {
     f.state = gc::WAIT;
     swapcontext(&f.ctx, &gc::sched);
 }
+namespace gc {
+// the barrier of a warp-collective op (mma.sync, ldmatrix): waits for the 32 lanes of this warp
+// only, so warps run ahead of each other between __syncthreads as on a GPU
+inline void warp_sync() {
+    Fiber& f = fibers[cur];
+    ++f.syncs;
+    f.state = WARP;
+    swapcontext(&f.ctx, &sched);
+}
+}  // namespace gc
 template <class T> inline T __ldg(const T* p) {
     if ((uintptr_t)p % alignof(T)) gc::error("__ldg at a misaligned address");
     return *p;
@@ -198,8 +240,8 @@ namespace gc {
 // mma.sync is warp-collective: every lane deposits its fragments, a barrier, every lane builds
 // its warp's A and B from the PTX ISA's fragment tables and computes its own D. Deposits
 // alternate between two slot sets: a lane can only reach the next-but-one mma (same set) after
-// the next barrier, which every lane passes only after computing this one. Block barriers stand
-// in for warp ones: the kernels' mma loops are uniform over the block.
+// the next barrier, which every lane passes only after computing this one. The barrier is the
+// warp's own (gc::warp_sync): the other warps need not be there.
 struct MmaSlot { unsigned a[4], b[2]; };
 inline std::vector<MmaSlot> mma_slots;   // [2][threads]
 inline float h16(unsigned w, int e, int kind) {   // element e (low half first) of a b32 word
@@ -218,7 +260,7 @@ inline void mma(float& d0, float& d1, float& d2, float& d3, unsigned a0, unsigne
     if (mma_slots.size() < 2 * n) mma_slots.resize(2 * n);
     const unsigned set = (fibers[cur].syncs & 1) * n;   // syncs: this thread's barriers so far
     mma_slots[set + tid] = MmaSlot{{a0, a1, a2, a3}, {b0, b1}};
-    __syncthreads();
+    warp_sync();
     float A[16][16], B[16][8];
     const unsigned warp0 = set + (tid & ~31u), g = (tid & 31) >> 2, t = tid & 3;
     for (unsigned l = 0; l < 32; ++l) {   // groupID gl, threadID_in_group tl
@@ -325,7 +367,7 @@ inline void ldmatrix(unsigned* d, int num, bool trans, unsigned addr) {
     const unsigned set = (fibers[cur].syncs & 1) * n;
     ldsm_slots[set + tid] = addr;
     if (addr % 16) error("ldmatrix row address not 16-byte aligned");
-    __syncthreads();
+    warp_sync();
     ++ldmatrix_calls;
     const unsigned warp0 = set + (tid & ~31u), t = tid & 31;
     for (int j = 0; j < num; ++j) {
@@ -484,8 +526,12 @@ def counters(lib):
 
 
 def set_order(order, seed=1):
-    """Fiber order inside each barrier interval: 'forward', 'reverse' or 'shuffle'."""
-    code = {"forward": 0, "reverse": 1, "shuffle": 2}[order]
+    """Fiber order inside each barrier interval: 'forward', 'reverse', 'shuffle', or
+    'warp_ahead' ('warp_ahead_reverse'): the first (last) warp with work runs alone through its
+    warp-collective ops until it blocks at __syncthreads -- a legal schedule that exposes a
+    missing block barrier (a warp reading shared data other warps have not produced yet)."""
+    code = {"forward": 0, "reverse": 1, "shuffle": 2, "warp_ahead": 3,
+            "warp_ahead_reverse": 4}[order]
     for lib in _libs.values():
         lib.dll.gc_set_order(code, ctypes.c_ulonglong(seed))
 

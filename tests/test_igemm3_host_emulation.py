@@ -134,6 +134,42 @@ def test_correct_kernel_passes_the_mutant_problem(monkeypatch):
     run_fprop(ConvProblem.from_args(xs, ws, **kw), "float16", "128x128", splits=1)
 
 
+def test_warp_ahead_schedule_gives_the_same_bits(monkeypatch):
+    """Warps running ahead of each other between barriers (a legal GPU schedule): the correct
+    kernel's result is bitwise the one of the forward order."""
+    ih.install3(monkeypatch, ih.build3())
+    xs, ws, kw = MUTANT_PROBLEM
+    p = ConvProblem.from_args(xs, ws, **kw)
+    try:
+        ref, _ = run_fprop(p, "float16", "128x128", splits=1)
+        for order in ("warp_ahead", "warp_ahead_reverse"):
+            ih.set_order(order)
+            out, _ = run_fprop(p, "float16", "128x128", splits=1)
+            assert np.array_equal(np.ascontiguousarray(out).view(np.uint16),
+                                  np.ascontiguousarray(ref).view(np.uint16)), order
+    finally:
+        ih.set_order("forward")
+
+
+@pytest.mark.parametrize("order", ("forward", "warp_ahead"))
+def test_missing_barrier(monkeypatch, order):
+    """No __syncthreads between the cp.async wait and the ldmatrix reads: invisible when all
+    warps move in lockstep (forward order: every thread's wait runs before any warp's reads),
+    caught when one warp runs ahead and reads rows other warps' copies have not landed in."""
+    ih.install3(monkeypatch, ih.build3(("IG3_MUTATE_NO_BARRIER",)))
+    xs, ws, kw = MUTANT_PROBLEM
+    ih.set_order(order)
+    try:
+        out, ref = run_fprop(ConvProblem.from_args(xs, ws, **kw), "float16", "128x128",
+                             splits=1, check=False)
+    finally:
+        ih.set_order("forward")
+    if order == "forward":
+        cc.assert_close(out.astype(np.float64), ref, "float16", "lockstep schedule")
+    else:
+        assert np.isnan(out.astype(np.float64)).any()
+
+
 def test_mutated_kernel_fails(mutant):
     xs, ws, kw = MUTANT_PROBLEM
     out, ref = run_fprop(ConvProblem.from_args(xs, ws, **kw), "float16", "128x128", splits=1,
