@@ -618,6 +618,9 @@ def kernel_files():
     out = [(f, 1, cuda.instantiation_source(f)) for f, _ in cuda.KERNELS]
     out += [(f, 2, cuda.instantiation_source(f, names=names, structs=ig.STRUCTS))
             for f, names in ig.IGEMM_KERNELS]
+    from gpuconv.engines import cuda_igemm3 as ig3
+    out += [(f, 3, cuda.instantiation_source(f, names=names, structs=ig3.STRUCTS))
+            for f, names in ig3.IGEMM3_KERNELS]
     return out
 
 

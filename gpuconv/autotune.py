@@ -31,6 +31,7 @@ import warnings
 
 import numpy as np
 
+from . import config
 from .config import autotune_enabled, get_allow_tf32, set_allow_tf32  # noqa: F401 (re-export)
 from .problem import ConvProblem
 
@@ -68,10 +69,18 @@ def kernel_source_hash(read_all=None) -> str:
     return h.hexdigest()
 
 
-def candidates(p: ConvProblem, dtype, registry: dict):
-    """Names (registry order) of the algorithms that support (p, dtype)."""
+def candidates(p: ConvProblem, dtype, registry: dict, layout="nchw"):
+    """Names (registry order) of the algorithms that support (p, dtype) on arrays of memory
+    format `layout` ("nchw" | "nhwc", fn.layouts); third-generation ones only while
+    gpuconv.config.third_generation_enabled()."""
     out = []
+    gen3 = config.third_generation_enabled()
     for name, fn in registry.items():
+        # third generation: only when gated on, and only for the memory format it reads
+        if getattr(fn, "generation", 0) >= 3 and not gen3:
+            continue
+        if layout not in getattr(fn, "layouts", ("nchw",)):
+            continue
         sup = getattr(fn, "supports", None)
         try:
             ok = True if sup is None else bool(sup(p, np.dtype(dtype)))

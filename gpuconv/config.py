@@ -16,6 +16,9 @@
   CUDA context down with it, which the autotuner's result check cannot catch. The algorithms
   stay selectable by name (``cuda_engine.set_algorithm``) and in gpuconv-bench either way.
   ``GPUCONV_SECOND_GEN=1`` turns it on.
+- Third generation (``set_third_generation``): the same gate for the NHWC tensor-core kernels
+  (``igemm3_*``, gpuconv.engines.cuda_igemm3), off until they have passed on a GPU;
+  ``GPUCONV_THIRD_GEN=1`` turns it on. Selectable by name either way.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import os
 _allow_tf32 = False
 _autotune = None  # None: follow GPUCONV_AUTOTUNE
 _second_gen = None  # None: follow GPUCONV_SECOND_GEN
+_third_gen = None  # None: follow GPUCONV_THIRD_GEN
 
 
 def set_allow_tf32(allow: bool) -> None:
@@ -64,5 +68,18 @@ def second_generation_enabled() -> bool:
     return _env_flag("GPUCONV_SECOND_GEN", "0")
 
 
+def set_third_generation(enabled) -> None:
+    """True/False: let "auto" choose third-generation kernels; None: follow GPUCONV_THIRD_GEN."""
+    global _third_gen
+    _third_gen = None if enabled is None else bool(enabled)
+
+
+def third_generation_enabled() -> bool:
+    if _third_gen is not None:
+        return _third_gen
+    return _env_flag("GPUCONV_THIRD_GEN", "0")
+
+
 __all__ = ["set_allow_tf32", "get_allow_tf32", "set_autotune", "autotune_enabled",
-           "set_second_generation", "second_generation_enabled"]
+           "set_second_generation", "second_generation_enabled", "set_third_generation",
+           "third_generation_enabled"]

@@ -17,6 +17,9 @@ a block is a *fiber* (ucontext) on one OS thread:
   the library's symbol table) is filled with 0xFF bytes (NaN as float/double) before every
   block: a kernel that relied on shared memory being zero, or read what it never wrote, produces
   NaN.
+- warp-collective ops (mma.sync, ldmatrix) wait for their own warp only (gc::warp_sync), so
+  warps run ahead of each other between __syncthreads; the 'warp_ahead' order runs one warp
+  alone until it blocks, which turns a missing __syncthreads into a read of poisoned memory.
 - __syncthreads reached by only part of a block (divergent barrier: undefined behaviour on a GPU)
   and __ldg of a 16-byte vector at a misaligned address are recorded as errors, which the Python
   side raises after the launch.
@@ -74,11 +77,14 @@ SHIM = BASE_SHIM + r"""
 #define __launch_bounds__(...)
 #define GC_EXPORT __attribute__((visibility("default")))
 struct __attribute__((aligned(16))) uint4 { unsigned int x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct __attribute__((aligned(8))) float2 { float x, y; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 using std::min;
 using std::max;
 
 namespace gc {
-enum { RUN, WAIT, DONE };
+enum { RUN, WAIT, DONE, WARP };   // WAIT: at __syncthreads; WARP: at a warp-collective op
 struct Fiber { ucontext_t ctx; int state; long syncs; char* stack; };
 const size_t STACK = 256 << 10;
 inline ucontext_t sched;
@@ -86,7 +92,8 @@ inline std::vector<Fiber> fibers;
 inline unsigned cur;
 inline void (*body)(void*);
 inline void* body_arg;
-inline int order = 0;                     // 0 forward, 1 reverse, 2 shuffled per interval
+inline int order = 0;   // 0 forward, 1 reverse, 2 shuffled per interval, 3 (4) warp-ahead: the
+                        // first (last) warp with work runs alone until it blocks at __syncthreads
 inline unsigned long long seed = 1;
 inline long errors = 0;
 inline char errmsg[512];
@@ -100,8 +107,10 @@ inline void error(const char* what) {
 }
 inline void entry() { body(body_arg); fibers[cur].state = DONE; }
 
+inline void cp_reset(unsigned n);
 inline void run_block(unsigned n) {
     if (fibers.size() < n) fibers.resize(n, Fiber{});
+    cp_reset(n);
     for (unsigned t = 0; t < n; ++t) {
         Fiber& f = fibers[t];
         if (!f.stack) f.stack = (char*)malloc(STACK);
@@ -115,23 +124,51 @@ inline void run_block(unsigned n) {
     }
     std::vector<unsigned> perm(n);
     for (;;) {
-        for (unsigned i = 0; i < n; ++i) perm[i] = order == 1 ? n - 1 - i : i;
+        for (unsigned i = 0; i < n; ++i) perm[i] = (order == 1 || order == 4) ? n - 1 - i : i;
         if (order == 2)
             for (unsigned i = n; i > 1; --i) {
                 seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
                 std::swap(perm[i - 1], perm[(seed >> 33) % i]);
             }
+        int only = -1;   // warp-ahead: only the first warp (in perm order) that can run
+        if (order >= 3)
+            for (unsigned i = 0; i < n; ++i)
+                if (fibers[perm[i]].state == RUN) { only = (int)(perm[i] / 32); break; }
         for (unsigned i = 0; i < n; ++i) {
             const unsigned t = perm[i];
-            if (fibers[t].state != RUN) continue;
+            if (fibers[t].state != RUN || (only >= 0 && (int)(t / 32) != only)) continue;
             cur = t;
             threadIdx.x = t % blockDim.x;
             threadIdx.y = (t / blockDim.x) % blockDim.y;
             threadIdx.z = t / (blockDim.x * blockDim.y);
             swapcontext(&sched, &fibers[t].ctx);
         }
-        unsigned waiting = 0, done = 0;
-        for (unsigned t = 0; t < n; ++t) (fibers[t].state == WAIT ? waiting : done) += 1;
+        // a warp whose lanes all reached a warp-collective op goes on, whatever other warps do
+        bool released = false;
+        for (unsigned w0 = 0; w0 < n; w0 += 32) {
+            const unsigned w1 = std::min(n, w0 + 32);
+            unsigned at = 0, live = 0;
+            for (unsigned t = w0; t < w1; ++t) {
+                live += fibers[t].state != DONE;
+                at += fibers[t].state == WARP;
+            }
+            if (!at || at != live) continue;
+            if (live != w1 - w0) error("warp-collective op reached by only part of a warp");
+            for (unsigned t = w0; t < w1; ++t)
+                if (fibers[t].state == WARP) fibers[t].state = RUN;
+            released = true;
+        }
+        if (released) continue;
+        unsigned waiting = 0, done = 0, running = 0, warp = 0;
+        for (unsigned t = 0; t < n; ++t) {
+            const int st = fibers[t].state;
+            (st == WAIT ? waiting : st == DONE ? done : st == RUN ? running : warp) += 1;
+        }
+        if (running) continue;   // warp-ahead: the other warps' turn
+        if (warp) {   // lanes at a warp op while the rest of their warp waits at a barrier
+            error("warp-collective op reached by only part of a warp");
+            break;
+        }
         if (!waiting) break;
         ++barriers;
         if (done) error("__syncthreads reached by only part of the block");
@@ -183,6 +220,16 @@ inline void __syncthreads() {
     f.state = gc::WAIT;
     swapcontext(&f.ctx, &gc::sched);
 }
+namespace gc {
+// the barrier of a warp-collective op (mma.sync, ldmatrix): waits for the 32 lanes of this warp
+// only, so warps run ahead of each other between __syncthreads as on a GPU
+inline void warp_sync() {
+    Fiber& f = fibers[cur];
+    ++f.syncs;
+    f.state = WARP;
+    swapcontext(&f.ctx, &sched);
+}
+}  // namespace gc
 template <class T> inline T __ldg(const T* p) {
     if ((uintptr_t)p % alignof(T)) gc::error("__ldg at a misaligned address");
     return *p;
@@ -193,8 +240,8 @@ namespace gc {
 // mma.sync is warp-collective: every lane deposits its fragments, a barrier, every lane builds
 // its warp's A and B from the PTX ISA's fragment tables and computes its own D. Deposits
 // alternate between two slot sets: a lane can only reach the next-but-one mma (same set) after
-// the next barrier, which every lane passes only after computing this one. Block barriers stand
-// in for warp ones: the kernels' mma loops are uniform over the block.
+// the next barrier, which every lane passes only after computing this one. The barrier is the
+// warp's own (gc::warp_sync): the other warps need not be there.
 struct MmaSlot { unsigned a[4], b[2]; };
 inline std::vector<MmaSlot> mma_slots;   // [2][threads]
 inline float h16(unsigned w, int e, int kind) {   // element e (low half first) of a b32 word
@@ -213,7 +260,7 @@ inline void mma(float& d0, float& d1, float& d2, float& d3, unsigned a0, unsigne
     if (mma_slots.size() < 2 * n) mma_slots.resize(2 * n);
     const unsigned set = (fibers[cur].syncs & 1) * n;   // syncs: this thread's barriers so far
     mma_slots[set + tid] = MmaSlot{{a0, a1, a2, a3}, {b0, b1}};
-    __syncthreads();
+    warp_sync();
     float A[16][16], B[16][8];
     const unsigned warp0 = set + (tid & ~31u), g = (tid & 31) >> 2, t = tid & 3;
     for (unsigned l = 0; l < 32; ++l) {   // groupID gl, threadID_in_group tl
@@ -255,6 +302,108 @@ inline void gc_ptx_mma_sync_aligned_m16n8k16_row_col_f32_bf16_bf16_f32(GC_MMA_AR
 inline void gc_ptx_mma_sync_aligned_m16n8k8_row_col_f32_tf32_tf32_f32(GC_MMA_ARGS) {
     gc::mma<2>(GC_MMA_CALL);
 }
+
+// ---- cp.async, ldmatrix, __cvta_generic_to_shared of igemm3_common.cuh, emulated ----
+// Shared addresses are 32-bit offsets from an anchor in this library's static storage (where
+// every __shared__ variable lives): __cvta_generic_to_shared(p) = p - anchor, gc::smem(a) back.
+inline char gc_shared_anchor[16];
+inline size_t __cvta_generic_to_shared(const void* p) {
+    return (size_t)((const char*)p - gc_shared_anchor);
+}
+namespace gc {
+inline unsigned char* smem(unsigned a) { return (unsigned char*)gc_shared_anchor + (int)a; }
+inline long cp_async_issued = 0, cp_async_landed = 0, ldmatrix_calls = 0;   // for tests
+// cp.async: a copy is RECORDED at issue (its source bytes read then) and lands in shared memory
+// only at the cp.async.wait_group that retires its group; the destination is poisoned (0xFF:
+// NaN as f16/bf16/f32) at issue, so a read before the matching wait sees NaN.
+struct CpCopy { unsigned char* dst; unsigned char data[16]; };
+struct CpThread { std::vector<CpCopy> open; std::vector<std::vector<CpCopy>> groups; };
+inline std::vector<CpThread> cp_threads;
+inline unsigned tid_flat() {
+    return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+inline void cp_reset(unsigned n) {   // a block starts with nothing in flight
+    cp_threads.assign(n, CpThread{});
+}
+inline void cp_land(std::vector<CpCopy>& g) {
+    for (auto& c : g) { memcpy(c.dst, c.data, 16); ++cp_async_landed; }
+}
+}  // namespace gc
+inline void gc_ptx_cp_async_cg_shared_global(unsigned dst, const void* src, int src_size) {
+    unsigned char* d = gc::smem(dst);
+    if ((uintptr_t)d % 16 || (src_size && (uintptr_t)src % 16))
+        gc::error("cp.async of 16 bytes at a misaligned address");
+    if (src_size != 0 && src_size != 16) gc::error("cp.async src-size must be 0 or 16 here");
+    gc::CpCopy c;
+    c.dst = d;
+    memset(c.data, 0, 16);                      // src-size 0: zero-fill, nothing read
+    if (src_size) memcpy(c.data, src, src_size);
+    memset(d, 0xFF, 16);                        // poisoned until the matching wait
+    gc::cp_threads[gc::tid_flat()].open.push_back(c);
+    ++gc::cp_async_issued;
+}
+inline void gc_ptx_cp_async_commit_group() {
+    gc::CpThread& t = gc::cp_threads[gc::tid_flat()];
+    t.groups.push_back(std::move(t.open));
+    t.open.clear();
+}
+inline void gc_ptx_cp_async_wait_group(int n) {   // all but the newest n committed groups land
+    gc::CpThread& t = gc::cp_threads[gc::tid_flat()];
+    while ((int)t.groups.size() > n) {
+        gc::cp_land(t.groups.front());
+        t.groups.erase(t.groups.begin());
+    }
+}
+namespace gc {
+// ldmatrix is warp-collective, like mma: every lane deposits its row address, a barrier, every
+// lane reads its fragments (same two-slot-set scheme as mma_slots). PTX ISA: for .xN, lane i
+// (i < 8N) gives the address of row i % 8 of matrix i / 8 (16 bytes, 16-byte aligned); thread t
+// receives, of each matrix j, register d_j = row t / 4, b16 elements 2(t%4), 2(t%4)+1; with
+// .trans the matrix is transposed: d_j = elements (row 2(t%4), col t/4), (row 2(t%4)+1, col t/4).
+inline std::vector<unsigned> ldsm_slots;   // [2][threads]
+inline void ldmatrix(unsigned* d, int num, bool trans, unsigned addr) {
+    const unsigned n = blockDim.x * blockDim.y * blockDim.z, tid = tid_flat();
+    if (ldsm_slots.size() < 2 * n) ldsm_slots.resize(2 * n);
+    const unsigned set = (fibers[cur].syncs & 1) * n;
+    ldsm_slots[set + tid] = addr;
+    if (addr % 16) error("ldmatrix row address not 16-byte aligned");
+    warp_sync();
+    ++ldmatrix_calls;
+    const unsigned warp0 = set + (tid & ~31u), t = tid & 31;
+    for (int j = 0; j < num; ++j) {
+        unsigned short h[2];
+        for (int e = 0; e < 2; ++e) {
+            unsigned row, col;   // element (row, col) of matrix j, col in b16 units
+            if (trans) { row = 2 * (t % 4) + e; col = t / 4; }
+            else { row = t / 4; col = 2 * (t % 4) + e; }
+            memcpy(&h[e], smem(ldsm_slots[warp0 + 8 * j + row]) + 2 * col, 2);
+        }
+        d[j] = (unsigned)h[0] | ((unsigned)h[1] << 16);
+    }
+}
+}  // namespace gc
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x4_shared_b16(unsigned& d0, unsigned& d1,
+                                                           unsigned& d2, unsigned& d3, unsigned a) {
+    unsigned d[4]; gc::ldmatrix(d, 4, false, a); d0 = d[0]; d1 = d[1]; d2 = d[2]; d3 = d[3];
+}
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x4_trans_shared_b16(unsigned& d0, unsigned& d1,
+                                                                 unsigned& d2, unsigned& d3,
+                                                                 unsigned a) {
+    unsigned d[4]; gc::ldmatrix(d, 4, true, a); d0 = d[0]; d1 = d[1]; d2 = d[2]; d3 = d[3];
+}
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x2_shared_b16(unsigned& d0, unsigned& d1, unsigned a) {
+    unsigned d[2]; gc::ldmatrix(d, 2, false, a); d0 = d[0]; d1 = d[1];
+}
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x2_trans_shared_b16(unsigned& d0, unsigned& d1,
+                                                                 unsigned a) {
+    unsigned d[2]; gc::ldmatrix(d, 2, true, a); d0 = d[0]; d1 = d[1];
+}
+inline void gc_ptx_ldmatrix_sync_aligned_m8n8_x1_shared_b16(unsigned& d0, unsigned a) {
+    gc::ldmatrix(&d0, 1, false, a);
+}
+extern "C" GC_EXPORT long gc_cp_async_issued() { return gc::cp_async_issued; }
+extern "C" GC_EXPORT long gc_cp_async_landed() { return gc::cp_async_landed; }
+extern "C" GC_EXPORT long gc_ldmatrix_calls() { return gc::ldmatrix_calls; }
 
 extern "C" GC_EXPORT void gc_set_order(int order, unsigned long long seed) {
     gc::order = order;
@@ -342,9 +491,47 @@ def build(workdir=WORKDIR):
     return _libs
 
 
+def build3(defines=(), workdir=WORKDIR):
+    """Compile the third-generation kernel files (cuda_igemm3.IGEMM3_KERNELS) for the host, with
+    `defines` (e.g. the kernels' IG3_MUTATE_* switches) #defined first; returns
+    {file: Library}. Cached by content like build()."""
+    from gpuconv.engines import cuda_igemm3 as ig3
+    os.makedirs(workdir, exist_ok=True)
+    out = {}
+    for f, names in ig3.IGEMM3_KERNELS:
+        label = f[:-3] + "".join("-" + d for d in defines)
+        if label not in _libs:
+            text = "".join(f"#define {d}\n" for d in defines) + kernel_source(f)
+            _libs[label] = compile_source(label, emulate_ptx(text), names, workdir)
+        out[f] = _libs[label]
+    return out
+
+
+def install3(monkeypatch, libs, sm_count=132):
+    """Route cuda_igemm3's launches to the CPU through the Libraries `libs` (build3's result)."""
+    from gpuconv.engines import cuda_igemm3 as ig3
+    by_name = {n: lib for lib in libs.values() for n in lib.names}
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    monkeypatch.setattr(ig3, "get_kernel", lambda name: HostKernel(name, by_name[name]))
+    monkeypatch.setattr(ig3, "_current_sm_count", lambda: sm_count)
+    reset()
+
+
+def counters(lib):
+    """(cp.async issued, cp.async landed, ldmatrix calls) of one Library so far."""
+    d = lib.dll
+    for f in (d.gc_cp_async_issued, d.gc_cp_async_landed, d.gc_ldmatrix_calls):
+        f.restype = ctypes.c_long
+    return d.gc_cp_async_issued(), d.gc_cp_async_landed(), d.gc_ldmatrix_calls()
+
+
 def set_order(order, seed=1):
-    """Fiber order inside each barrier interval: 'forward', 'reverse' or 'shuffle'."""
-    code = {"forward": 0, "reverse": 1, "shuffle": 2}[order]
+    """Fiber order inside each barrier interval: 'forward', 'reverse', 'shuffle', or
+    'warp_ahead' ('warp_ahead_reverse'): the first (last) warp with work runs alone through its
+    warp-collective ops until it blocks at __syncthreads -- a legal schedule that exposes a
+    missing block barrier (a warp reading shared data other warps have not produced yet)."""
+    code = {"forward": 0, "reverse": 1, "shuffle": 2, "warp_ahead": 3,
+            "warp_ahead_reverse": 4}[order]
     for lib in _libs.values():
         lib.dll.gc_set_order(code, ctypes.c_ulonglong(seed))
 

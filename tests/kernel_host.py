@@ -150,7 +150,7 @@ def emulate_ptx(text):
     """Every inline-PTX statement `asm("op.x.y ..." : outs : ins);` becomes the call
     `gc_ptx_op_x_y(outs..., ins...);` of the shim's emulation (an unknown one fails to compile)."""
     def call(m):
-        op = m.group(1).split()[0].replace(".", "_")
+        op = m.group(1).split()[0].rstrip(";").replace(".", "_")
         return f"gc_ptx_{op}({', '.join(_OPERAND.findall(m.group(2)))});"
     return _ASM.sub(call, text)
 

@@ -61,16 +61,20 @@ def test_kernel_list_covers_every_dtype_and_op():
     assert {"convert<gc_bf16, float>", "convert<float, gc_bf16>"} <= names
 
 
-def test_catalogue_holds_both_generations_and_precompile_takes_it_all(monkeypatch):
+def test_catalogue_holds_every_generation_and_precompile_takes_it_all(monkeypatch):
+    from gpuconv.engines import cuda_igemm3
     cat = gcuda.catalogue()
     files = [f for f, _, _ in cat]
     assert len(files) == len(set(files))
-    assert set(files) == {f for f, _ in gcuda.KERNELS} | {f for f, _ in cuda_igemm.IGEMM_KERNELS}
+    assert set(files) == ({f for f, _ in gcuda.KERNELS} | {f for f, _ in cuda_igemm.IGEMM_KERNELS}
+                          | {f for f, _ in cuda_igemm3.IGEMM3_KERNELS})
     by_file = {f: (names, structs) for f, names, structs in cat}
     for f, names in gcuda.KERNELS:
         assert by_file[f] == (names, gcuda.STRUCTS)
     for f, names in cuda_igemm.IGEMM_KERNELS:
         assert by_file[f] == (names, cuda_igemm.STRUCTS)
+    for f, names in cuda_igemm3.IGEMM3_KERNELS:
+        assert by_file[f] == (names, cuda_igemm3.STRUCTS)
     # every shipped .cu file is catalogued: nothing the package ships goes uncompiled
     import importlib.resources
     shipped = {e.name for e in importlib.resources.files("gpuconv.kernels").iterdir()

@@ -11,7 +11,10 @@ the op's device current::
 
     fprop: fn(p, x, w, bias) -> y        dgrad: fn(p, w, dy) -> dx       wgrad: fn(p, x, dy) -> dw
 
-and may carry ``supports(p, dtype) -> bool`` (the autotuner lists only supporting ones).
+and may carry ``supports(p, dtype) -> bool`` (the autotuner lists only supporting ones) and
+``layouts`` (memory formats they take, CONTRACT-layouts: absent = ("nchw",); the third
+generation, cuda_igemm3, is ("nhwc",) and takes physical NHWC arrays) and ``generation``
+(3: offered to "auto" only while gpuconv.config.third_generation_enabled()).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpy as np
 
 from . import cuda_im2col  # noqa: I001  (first generation first: catalogue order)
 from . import cuda_igemm
+from . import cuda_igemm3
 
 #: op -> {algorithm name -> function}
 ALGORITHMS: dict = {"fprop": {}, "dgrad": {}, "wgrad": {}}
@@ -116,5 +120,5 @@ def select(op, p, dtype):
 
 # every algorithm module registers itself, first generation first (registry order = the
 # autotuner's candidate order)
-for _module in (cuda_im2col, cuda_igemm):
+for _module in (cuda_im2col, cuda_igemm, cuda_igemm3):
     _module.register(register_algorithm)
