@@ -20,7 +20,10 @@ nested in it; the main loop is the loop with the most own math, ties to the inne
 without math gets the loop with the most own instructions (``math=False`` in its row).
 Limits: a loop the compiler unrolled (two k-slabs per iteration) is reported per iteration; the
 ``slabs`` column divides by the unroll factor only where the kernel name tells the tile
-(``igemm_*``: expected math per slab from BM, BN, BK, warps); an outer loop whose peeled copies
+(``igemm_*``: expected math per slab from BM, BN, BK, warps). Where the main loop does a whole
+fraction 1/t of an igemm slab's math inside a loop with no other math (a k loop unrolled by
+KU < BK), the slab loop is reported: its own instructions once plus t times the inner loop's
+(``nested`` in the JSON; t = BK / KU from the name, not from the SASS); an outer loop whose peeled copies
 hold as much math as the real loop loses the tie to it by design; indirect branches (BRX) have
 no known targets and end their block. Counts are static: ``instrs`` is every instruction in the
 loop body once (all paths, e.g. both the vector and the scalar-fallback gather);
@@ -432,6 +435,24 @@ def main_loop(cfg, loops=None):
     return best, key(best)[0]
 
 
+def _nested_slab(cfg, loops, lp, expect):
+    """(the slab loop, trip count) when main loop `lp` is an inner k loop that does a whole
+    fraction 1/trip of an igemm k-slab's math (e.g. the SIMT 128x128 tiles, which unroll their
+    BK loop by KU < BK to save registers) inside a loop that does no other math; else None.
+    The trip count is expect / math (BK / KU), which the kernel name fixes: the static SASS
+    cannot say how often a loop runs."""
+    math = _math(_counts(cfg, lp.body))
+    if not expect or not math or math >= expect or expect % math:
+        return None
+    outer = [o for o in loops if o is not lp and lp.body < o.body]
+    if not outer:
+        return None
+    parent = min(outer, key=lambda o: len(o.body))
+    if _math(_counts(cfg, parent.body - lp.body)):
+        return None
+    return parent, expect // math
+
+
 def iteration_paths(cfg, loop):
     """(shortest, longest) instruction count of one iteration: header -> a latch's back edge,
     over the loop body without its back edges (nested loops' bodies counted once)."""
@@ -471,12 +492,26 @@ def igemm_slab_math(kernel):
 def loop_stats(instrs, kernel=""):
     """The main loop's statistics for one kernel (a dict, JSON-ready), or None without a loop."""
     cfg = Cfg(instrs)
-    lp, has_math = main_loop(cfg)
+    loops = find_loops(cfg)
+    lp, has_math = main_loop(cfg, loops)
     if lp is None:
         return None
+    expect = igemm_slab_math(kernel)
     ins = [i for bi in sorted(lp.body) for i in cfg.block_instrs(bi)]
-    s = {"loop": [lp.start, lp.end], "math": has_math, "instrs": len(ins)}
+    s = {"loop": [lp.start, lp.end], "math": has_math}
     s["min_path"], s["max_path"] = iteration_paths(cfg, lp)
+    nest = _nested_slab(cfg, loops, lp, expect)
+    if nest is not None:   # the main loop is a partially unrolled k loop inside the slab loop
+        outer, trip = nest
+        own = [i for bi in sorted(outer.body - lp.body) for i in cfg.block_instrs(bi)]
+        lo, hi = iteration_paths(cfg, outer)
+        s["nested"] = {"inner_loop": [lp.start, lp.end], "trip": trip,
+                       "inner_instrs": len(ins), "outer_own_instrs": len(own)}
+        s["loop"] = [outer.start, outer.end]
+        s["min_path"] = lo + (trip - 1) * s["min_path"]
+        s["max_path"] = hi + (trip - 1) * s["max_path"]
+        ins = own + ins * trip
+    s["instrs"] = len(ins)
     cls = {}
     widths = {"lds": {}, "ldg": {}, "ldgsts": {}, "sts": {}, "stg": {}}
     mma_flop, mma_units, smem = 0, {}, 0
@@ -505,7 +540,6 @@ def loop_stats(instrs, kernel=""):
                                    for w, n in s["widths"].get(c, {}).items() if w < 128)
     s["mma_ops"] = sorted({i.opcode for i in ins if classify(i.opcode) == "mma"})
     s["mma_flop"], s["mma_units"], s["smem_bytes"] = mma_flop, mma_units, smem
-    expect = igemm_slab_math(kernel)
     math = _math(cls)
     s["slabs"] = math // expect if expect and math and math % expect == 0 else 1
     s["expected_math_per_slab"] = expect

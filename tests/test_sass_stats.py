@@ -145,6 +145,43 @@ def test_loop_stats_counts_exact():
     assert s["slabs"] == 1 and s["expected_math_per_slab"] is None
 
 
+# A SIMT igemm tile (8x4 warp tile, BK 8: 8 FFMAs per slab) whose k loop is unrolled by 2 only:
+# the FFMA loop (0x30-0x60) runs 4 times inside the slab loop (0x10-0x80), which has no math.
+_NESTED_NAME = "_Z11igemm_fpropIfLi0ELi8ELi4ELi8ELi1ELi1EEvPKT_S2_S2_PS0_9IgemmArgs"
+NESTED = f"""
+	.target	sm_90
+	.section	.text.{_NESTED_NAME},"ax",@progbits
+{_NESTED_NAME}:
+.text.{_NESTED_NAME}:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDS.128 R12, [R0] ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+.L_x_1:
+        /*0030*/                   FFMA R10, R12, R13, R10 ;
+        /*0040*/                   FFMA R11, R12, R14, R11 ;
+        /*0050*/                   IADD3 R20, R20, 0x1, RZ ;
+        /*0060*/               @P0 BRA `(.L_x_1) ;
+        /*0070*/                   ISETP.NE.AND P1, PT, R22, R23, PT ;
+        /*0080*/               @P1 BRA `(.L_x_0) ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_partially_unrolled_k_loop_is_summed_into_its_slab():
+    s = ss.loop_stats(ss.parse_sass(NESTED)[_NESTED_NAME], _NESTED_NAME)
+    assert s["expected_math_per_slab"] == 8
+    assert s["nested"] == {"inner_loop": [0x30, 0x60], "trip": 4, "inner_instrs": 4,
+                           "outer_own_instrs": 4}
+    assert s["loop"] == [0x10, 0x80]
+    assert s["instrs"] == 4 + 4 * 4 and s["counts"]["ffma"] == 8 and s["counts"]["lds"] == 1
+    assert s["slabs"] == 1 and s["matches_tile"] is True
+    assert (s["min_path"], s["max_path"]) == (20, 20)
+    # without a tile to check against (not an igemm name) the inner loop is reported as is
+    t = ss.loop_stats(ss.parse_sass(NESTED)[_NESTED_NAME], "_Z4testPf")
+    assert "nested" not in t and t["instrs"] == 4 and t["loop"] == [0x30, 0x60]
+
+
 def test_no_math_kernel_takes_the_biggest_loop():
     cfg, (lp, has_math) = _loop(NVDISASM, "_Z4copyPf")
     assert not has_math
