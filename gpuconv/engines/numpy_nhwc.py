@@ -108,11 +108,12 @@ def _fprop_gemm(p, xh, wg, y):
 def _fprop_depthwise(p, xh, w, y):
     """Cg == 1: y[..., c*Kg + j] = sum over taps of x_tap[..., c] * w[c*Kg + j, 0, r, s]."""
     w4 = w.reshape(p.C, p.Kg, p.R, p.S)
-    yv = y.reshape(p.N, p.P, p.Q, p.C, p.Kg)
+    yv = y if p.Kg == 1 else y.reshape(p.N, p.P, p.Q, p.C, p.Kg)  # (a trailing 1 is 2x slower)
     tmp = np.empty(yv.shape, y.dtype)
     first = True
     for r, s, v in _taps(p, _pad_nhwc(xh, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)):
-        np.multiply(v[..., None], w4[:, :, r, s], out=yv if first else tmp)
+        np.multiply(v if p.Kg == 1 else v[..., None], w4[:, 0, r, s] if p.Kg == 1 else
+                    w4[:, :, r, s], out=yv if first else tmp)
         if not first:
             yv += tmp
         first = False
@@ -147,7 +148,9 @@ def _wgrad_part(p, xh, dyh):
     else:
         col = _im2col(p, xh)
     if p.groups == 1:
-        return np.matmul(dyh.reshape(npq, p.K).T, col[0])[None]
+        # dw^T = col^T @ dy, the small K as the GEMM's columns (as numpy_engine._wgrad): 1.6x
+        # faster than dy^T @ col on ResNet-50's 3x3 here
+        return np.ascontiguousarray(np.matmul(col[0].T, dyh.reshape(npq, p.K)).T)[None]
     dyg = dyh.reshape(npq, p.groups, p.Kg).transpose(1, 2, 0)  # (G, Kg, NPQ)
     return np.matmul(dyg, col)
 
@@ -157,6 +160,8 @@ def _wgrad_part(p, xh, dyh):
 # ---------------------------------------------------------------------------------------------
 def conv_dgrad(p: ConvProblem, w, dy):
     dyh = _phys(dy)
+    if p.is_depthwise:
+        return _logical(_dgrad_depthwise(p, w, dyh))
     top, left = p.pad_h, p.pad_w
     dxp = np.zeros((p.N, p.H + p.pad_h + p.pad_h_end, p.W + p.pad_w + p.pad_w_end, p.C),
                    dy.dtype)
@@ -164,7 +169,24 @@ def conv_dgrad(p: ConvProblem, w, dy):
     for a, b in _chunks(p, "dgrad", dy.itemsize):
         _dgrad_part(p.with_batch(b - a), wg, dyh[a:b], dxp[a:b])
     dx = dxp[:, top:top + p.H, left:left + p.W]
-    return _logical(dx if dx.base is None or dx is dxp else np.ascontiguousarray(dx))
+    return _logical(dx if dx is dxp else np.ascontiguousarray(dx))
+
+
+def _dgrad_depthwise(p, w, dyh):
+    """Cg == 1: dx_tap[..., c] += sum_j dy[..., c*Kg + j] * w[c*Kg + j, 0, r, s] per tap, a
+    broadcast multiply-add along the contiguous channels (no GEMM, no column matrix)."""
+    dxp = np.zeros((p.N, p.H + p.pad_h + p.pad_h_end, p.W + p.pad_w + p.pad_w_end, p.C),
+                   dyh.dtype)
+    w4 = w.reshape(p.C, p.Kg, p.R, p.S)
+    dyv = dyh if p.Kg == 1 else dyh.reshape(p.N, p.P, p.Q, p.C, p.Kg)
+    tmp = np.empty(dyv.shape, dyh.dtype)
+    for r, s, v in _taps(p, dxp):
+        if p.Kg == 1:
+            v += np.multiply(dyv, w4[:, 0, r, s], out=tmp)
+        else:
+            v += np.multiply(dyv, w4[:, :, r, s], out=tmp).sum(axis=-1)
+    dx = dxp[:, p.pad_h:p.pad_h + p.H, p.pad_w:p.pad_w + p.W]
+    return dx if dx is dxp else np.ascontiguousarray(dx)
 
 
 def _dgrad_part(p, wg, dyh, dxp):
