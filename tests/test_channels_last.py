@@ -174,3 +174,36 @@ def test_layer_chain_trains_a_step_in_channels_last():
     np.testing.assert_allclose(g1, g0, rtol=1e-12, atol=1e-12)
     for a, b in zip(p0, p1):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_gpuconv_torch_channels_last():
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("gpuconv.torch")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64).contiguous(memory_format=cl)
+    ours, ref = gt.Conv2d(4, 6, 3, stride=2, padding=1).double(), \
+        torch.nn.Conv2d(4, 6, 3, stride=2, padding=1).double()
+    ref.load_state_dict(ours.state_dict())
+    results = []
+    for m, pool in ((ours, gt.MaxPool2d(2)), (ref, torch.nn.MaxPool2d(2))):
+        xi = x.clone().requires_grad_()
+        y = pool(m(xi))
+        y.backward(torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator()
+                               .manual_seed(1)))  # an NCHW grad_output, as from a flatten
+        assert y.is_contiguous(memory_format=cl) and xi.grad.is_contiguous(memory_format=cl)
+        results.append((y.detach(), xi.grad, m.weight.grad))
+    for a, b in zip(*results):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the fake kernels report the strides the real ones give
+    args = ([2, 2], [1, 1], [1, 1], 1, False)
+    w = ours.weight.detach()
+    real = torch.ops.gpuconv.conv2d(x, w, None, *args)
+    mode = FakeTensorMode()
+    fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+    with mode:
+        fake = torch.ops.gpuconv.conv2d(fx, fw, None, *args)
+    assert fake.stride() == real.stride() and real.is_contiguous(memory_format=cl)
+    torch.library.opcheck(torch.ops.gpuconv.conv2d, (x, w, None) + args)
