@@ -51,16 +51,33 @@ def _is_cl(a):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_first_generation_channels_last(eng, case):
-    """im2col_gemm (NCHW kernels): channels_last in -> channels_last out, the NumPy results."""
+    kernel_host.launches.clear()
+    _check_first_generation(eng, case, np.float64, 1e-11)
+    names = " ".join(kernel_host.launches)
+    assert "im2col_nhwc" in names and "dgrad_col_nhwc" in names and "gemm_to_nhwc" in names
+    assert "im2col<" not in names and "gemm_to_nchw" not in names  # no NCHW detour
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float16", "bfloat16"))
+def test_first_generation_channels_last_16bit(eng, dtype):
+    from . import cuda_checks as cc
+    _check_first_generation(eng, CASES[3], cc.dtype(dtype), cc.tol(cc.dtype(dtype)))
+
+
+def _check_first_generation(eng, case, dtype, tol):
+    """im2col_gemm over NHWC (im2col_nhwc, dgrad_col_nhwc, gemm_to_nhwc): channels_last in ->
+    channels_last out, the NumPy results."""
     p = _problem(case)
     rng = np.random.default_rng(3)
     x, w = cl(rng.standard_normal(p.x_shape)), cl(rng.standard_normal(p.w_shape))
     b, dy = rng.standard_normal(p.K), cl(rng.standard_normal(p.y_shape))
-    for got, ref in ((eng.conv_fprop(p, x, w, b), numpy_engine.conv_fprop(p, x, w, b)),
-                     (eng.conv_dgrad(p, w, dy), numpy_engine.conv_dgrad(p, w, dy)),
-                     (eng.conv_wgrad(p, x, dy), numpy_engine.conv_wgrad(p, x, dy))):
-        assert _is_cl(got), got.strides
-        np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-11)
+    lo = [a.astype(dtype) for a in (x, w, b, dy)]  # astype keeps the layout
+    x, w, b, dy = [a.astype(np.float64) for a in lo]  # the reference on the rounded inputs
+    for got, ref in ((eng.conv_fprop(p, lo[0], lo[1], lo[2]), numpy_engine.conv_fprop(p, x, w, b)),
+                     (eng.conv_dgrad(p, lo[1], lo[3]), numpy_engine.conv_dgrad(p, w, dy)),
+                     (eng.conv_wgrad(p, lo[0], lo[3]), numpy_engine.conv_wgrad(p, x, dy))):
+        assert _is_cl(got) and got.dtype == dtype, got.strides
+        np.testing.assert_allclose(got.astype(np.float64), ref, rtol=tol, atol=tol)
 
 
 def _nhwc_algorithms(calls):

@@ -23,10 +23,12 @@ Memory formats (CONTRACT-layouts): the activation input (x; dgrad: dy) decides t
 An algorithm declares ``fn.layouts`` (default ``("nchw",)``). A channels_last op with an
 algorithm that has "nhwc" gets the PHYSICAL C-contiguous (N, H, W, C) / (K, R, S, Cg) arrays
 with no copy (the weight is converted once if it is not channels_last) and its physical result
-comes back as a logical channels_last view. An algorithm without "nhwc" (today every registered
-one: the first and second generations are NCHW kernels) gets the arrays converted once to NCHW,
-and its result is converted once back to channels_last: the op's result format is the same
-either way, and that conversion is the only transpose. Activations run their flat kernels on the
+comes back as a logical channels_last view: the first generation (im2col_gemm, "auto"'s
+default) has NHWC kernels of its own (im2col_nhwc, dgrad_col_nhwc, gemm_to_nhwc), so "auto"
+makes no transpose. An algorithm without "nhwc" (the second generation, igemm_*, Winograd and
+direct depthwise: NCHW kernels) gets the arrays converted once to NCHW, and its result is
+converted once back to channels_last: the op's result format is the same either way, and
+that conversion is the only transpose. Activations run their flat kernels on the
 physical memory (no conversion); max pooling converts once (its kernels are NCHW).
 """
 from __future__ import annotations
