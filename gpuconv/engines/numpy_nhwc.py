@@ -9,7 +9,8 @@ Physical layouts (G = groups, Cg = C/G, Kg = K/G):
                                copy whose inner runs are Cg contiguous channels
     fprop   y[:, g] = col_g @ w_g^T            (N*P*Q, Kg): for G == 1 written straight into y
     wgrad   dw_g = dy_g^T @ col_g              (Kg, R*S*Cg) == w's physical (K, R, S, Cg)
-    dgrad   dcol_g = dy_g @ w_g                (N*P*Q, R*S*Cg), then col2im: one strided add
+    dgrad   stride 1: the fprop above on dy with the mirrored, channel-swapped kernel;
+            stride > 1: dcol_g = dy_g @ w_g    (N*P*Q, R*S*Cg), then col2im: one strided add
                                                per tap into the padded dx (N, Hp, Wp, C)
 Depthwise layers (Cg == 1) skip the GEMMs: one broadcast multiply-add per tap along the
 contiguous channels. Max pooling keeps the window logic of numpy_engine.pool_fprop over the
@@ -162,6 +163,18 @@ def conv_dgrad(p: ConvProblem, w, dy):
     dyh = _phys(dy)
     if p.is_depthwise:
         return _logical(_dgrad_depthwise(p, w, dyh))
+    top_h, top_w = p.dil_h * (p.R - 1) - p.pad_h, p.dil_w * (p.S - 1) - p.pad_w
+    end_h, end_w = p.dil_h * (p.R - 1) - p.pad_h_end, p.dil_w * (p.S - 1) - p.pad_w_end
+    if p.stride_h == p.stride_w == 1 and min(top_h, top_w, end_h, end_w) >= 0:
+        # stride 1: dx is the forward convolution of dy (padded by dil*(R-1) - pad) with the
+        # mirrored, channel-swapped kernel -- this file's im2col + GEMM, 2x faster than the
+        # col2im below on ResNet-50's and VGG's 3x3 (its 9 strided adds cost more than the GEMM)
+        q = ConvProblem(p.N, p.K, p.P, p.Q, p.C, p.R, p.S, pad_h=top_h, pad_w=top_w,
+                        dil_h=p.dil_h, dil_w=p.dil_w, groups=p.groups, pad_h_end=end_h,
+                        pad_w_end=end_w)
+        wm = _phys(w).reshape(p.groups, p.Kg, p.R, p.S, p.Cg)[:, :, ::-1, ::-1]
+        wm = np.ascontiguousarray(wm.transpose(0, 4, 2, 3, 1)).reshape(p.C, p.R, p.S, p.Kg)
+        return conv_fprop(q, _logical(dyh), _logical(wm))
     top, left = p.pad_h, p.pad_w
     dxp = np.zeros((p.N, p.H + p.pad_h + p.pad_h_end, p.W + p.pad_w + p.pad_w_end, p.C),
                    dy.dtype)
