@@ -155,3 +155,29 @@ def test_pool_and_activations_channels_last(eng):
         d = eng.act_dgrad(kind, x, a, g, 1.0)
         assert _is_cl(d)
         np.testing.assert_allclose(d, numpy_engine.act_dgrad(kind, x, a, g, 1.0), rtol=1e-15)
+
+
+def test_autotuner_calls_nhwc_candidates_in_their_layout():
+    """An "nhwc"-only candidate gets physical NHWC inputs and is judged in the NCHW order: the
+    correct one is accepted and timed, a wrong one rejected."""
+    from gpuconv import autotune
+    p = _problem(CASES[0])
+    calls = []
+    good = _nhwc_algorithms(calls)["fprop"]
+
+    def wrong(p, x, w, bias):  # the right numbers in the wrong (NCHW) order
+        return numpy_engine.conv_fprop(p, x.transpose(0, 3, 1, 2), w.transpose(0, 3, 1, 2),
+                                       bias)
+    wrong.layouts = ("nhwc",)
+
+    def ref(p, x, w, bias):
+        return numpy_engine.conv_fprop(p, x, w, bias)
+    registry = {"im2col_gemm": ref, "nhwc_good": good, "nhwc_wrong": wrong}
+    tu = autotune.Autotuner(timer=lambda fn: 1.0, device_name="d", source_hash="h",
+                            cache_dir=None)
+    inputs = autotune.random_inputs("fprop", p, np.float64, np, seed=1)
+    best, times = tu._tune(p, np.float64, False, list(registry), registry, lambda: inputs,
+                           lambda *a: ref(p, *a))
+    assert isinstance(times["nhwc_good"], float), times
+    assert str(times["nhwc_wrong"]).startswith("rejected"), times
+    assert calls and calls[0][1].shape == (p.N, p.H, p.W, p.C)  # physical NHWC input
