@@ -20,15 +20,15 @@ functional API on arrays that share the tensors' memory:
 
 - CPU tensors (float32/float64): NumPy views (``Tensor.numpy()``, zero-copy). Contiguous and
   channels_last tensors are passed as they are; any other layout is made contiguous once. The
-  NumPy engine computes in NCHW: a channels_last input is read through its strided view, and the
-  layout change happens inside the copy the engine makes anyway (the padded input or the im2col
-  matrix), not in a separate pass. Results are fresh NCHW-contiguous arrays wrapped without a
-  copy (``torch.from_numpy``).
+  NumPy engine computes channels_last inputs on their NHWC memory (engines/numpy_nhwc.py).
+  Results are fresh arrays in the op's memory format, wrapped without a copy
+  (``torch.from_numpy``).
 - CUDA tensors (float16/float32/float64; bfloat16 computed in float32, see below): CuPy arrays
   through DLPack, under the tensor's device, on torch's current stream
   (``cupy.cuda.ExternalStream``), with every CuPy allocation of the call — outputs and workspace
   — taken from torch's caching allocator, so one memory pool serves both libraries. The CUDA
-  engine makes non-contiguous inputs (channels_last included) contiguous once.
+  engine routes channels_last inputs to NHWC kernels (first generation) or converts them once
+  (NCHW-only algorithms); other non-contiguous inputs are made contiguous once.
 - bfloat16 (CUDA only): the bridge converts bfloat16 operands to float32, runs the float32
   kernels and rounds the results to bfloat16 (float32 accumulation, one extra conversion pass
   each way). Handing bfloat16 through DLPack as is needs CuPy's ml_dtypes bfloat16 on both sides
