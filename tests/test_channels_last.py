@@ -207,3 +207,24 @@ def test_gpuconv_torch_channels_last():
         fake = torch.ops.gpuconv.conv2d(fx, fw, None, *args)
     assert fake.stride() == real.stride() and real.is_contiguous(memory_format=cl)
     torch.library.opcheck(torch.ops.gpuconv.conv2d, (x, w, None) + args)
+
+
+def test_gpuconv_torch_channels_last_compiles():
+    """torch.compile (aot_eager, fullgraph) through the fake kernels: the same strides and values
+    as eager, forward and backward."""
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("gpuconv.torch")
+    torch.manual_seed(2)
+    m = torch.nn.Sequential(gt.Conv2d(3, 4, 3, padding=1).double(), gt.MaxPool2d(2),
+                            torch.nn.ReLU(), gt.Conv2d(4, 5, 3, stride=2).double())
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    y0 = m(x)
+    y0.sum().backward()
+    g0, x.grad = x.grad, None
+    y = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    y.sum().backward()
+    assert y.stride() == y0.stride() and y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.stride() == g0.stride() and g0.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, g0, rtol=0, atol=0)
