@@ -81,3 +81,62 @@ def check_arrays(names_arrays, *, ndim=None):
 def check_shape(name, array, expected):
     if tuple(array.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(array.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# memory formats (PyTorch's): logical shapes stay NCHW; "nhwc" (channels_last) is a logical
+# (N, C, H, W) array whose memory is (N, H, W, C), i.e. ``a.transpose(0, 2, 3, 1)`` is dense
+# ---------------------------------------------------------------------------------------------
+FORMATS = ("nchw", "nhwc")
+
+
+def memory_format(a) -> str:
+    """"nhwc" if the 4-D array `a` has channels_last strides, else "nchw".
+
+    PyTorch's rule (``suggest_memory_format``, from c10's is_channels_last_strides_2d): walking
+    the dimensions C, W, H, N, each stride must be at least the extent of the dimensions
+    before it (a size-1 dimension adds no extent), C's stride nonzero; an empty array is
+    never channels_last, and an array whose N stride equals its C stride (an (N, 1, 1, 1)
+    array) is "nchw". So the ambiguous cases resolve as in PyTorch: a C-contiguous (N, 1, H,
+    W) or (N, C, 1, 1) array is "nchw", while ``x.transpose(0, 2, 3, 1)`` made contiguous and
+    transposed back is "nhwc" whenever C > 1 or H*W > 1 makes the strides differ. (C == 1 or
+    H == W == 1 lay out the same bytes either way; the format then only names the results'.)
+    Arrays of another rank are "nchw".
+    """
+    if a.ndim != 4 or a.size == 0:
+        return "nchw"
+    sizes, strides = a.shape, a.strides
+    if strides[1] == 0:
+        return "nchw"
+    low = 0
+    for d in (1, 3, 2, 0):
+        if strides[d] < low:
+            return "nchw"
+        if d == 0 and low == strides[1]:
+            return "nchw"
+        low = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return "nhwc"
+
+
+def to_format(a, fmt):
+    """`a` (logical NCHW, 4-D) with its memory in `fmt`: itself when it already is (and dense),
+    otherwise one copy. "nhwc": a logical view whose ``transpose(0, 2, 3, 1)`` is C-contiguous."""
+    xp = array_module(a)
+    if fmt == "nhwc":
+        return xp.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    if fmt == "nchw":
+        return xp.ascontiguousarray(a)
+    raise ValueError(f"memory format must be one of {FORMATS}, got {fmt!r}")
+
+
+def physical_nhwc(a):
+    """The C-contiguous (N, H, W, C) memory of a logical (N, C, H, W) array (a view when `a`
+    is dense channels_last, else one copy)."""
+    return array_module(a).ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def conv_format(*arrays):
+    """The memory format of a convolution's results, PyTorch's rule: channels_last ("nhwc")
+    if any of the given arrays (None ignored) is channels_last, else "nchw"."""
+    return "nhwc" if any(a is not None and memory_format(a) == "nhwc" for a in arrays) \
+        else "nchw"

@@ -2,7 +2,9 @@
 
 For each (op, problem, dtype, device, TF32 flag) the :class:`Autotuner`
   1. lists the candidates: registered algorithms whose ``supports(p, dtype)`` is true,
-  2. runs each on fresh random inputs and compares it with a reference result
+  2. runs each on fresh random inputs and compares it with a reference result (a candidate
+     whose ``layouts`` lack "nchw" is called on the physical NHWC copies of the same inputs and
+     its result compared in the reference's NCHW order; CONTRACT-layouts)
      (‖out − ref‖ / ‖ref‖ under a per-dtype tolerance; NaN, an exception or a wrong shape
      rejects the candidate),
   3. times the accepted ones with the (injectable) timer and picks the fastest,
@@ -117,6 +119,18 @@ def relative_error(out, ref) -> float:
     if num != num:  # NaN
         return float("inf")
     return num / den if den > 0 else num
+
+
+def _nhwc(a):
+    """A 4-D operand's physical channels_last array (others, the bias, as they are)."""
+    if a is None or a.ndim != 4:
+        return a
+    return _xp(a).ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def _logical_result(fn):
+    """fn with its physical NHWC result seen as the logical NCHW view (no copy)."""
+    return lambda p, *args: fn(p, *args).transpose(0, 3, 1, 2)
 
 
 def _xp(a):
@@ -239,17 +253,25 @@ class Autotuner:
         ref = reference(*inputs)
         tol = tolerance(dtype, tf32)
         times = {}
+        nhwc_inputs = None
         for name in names:
-            fn = registry[name]
+            fn, args = registry[name], inputs
+            if "nchw" not in getattr(fn, "layouts", ("nchw",)):
+                # an "nhwc"-only candidate (CONTRACT-layouts) runs on the physical NHWC copies
+                # of the same inputs, made once; its physical result is compared with the
+                # reference in the logical NCHW order
+                if nhwc_inputs is None:
+                    nhwc_inputs = tuple(_nhwc(a) for a in inputs)
+                fn, args = _logical_result(fn), nhwc_inputs
             try:
-                err = relative_error(fn(p, *inputs), ref)
+                err = relative_error(fn(p, *args), ref)
             except Exception as e:  # a candidate that fails is not chosen
                 times[name] = f"error: {type(e).__name__}: {e}"
                 continue
             if not err <= tol:
                 times[name] = f"rejected: relative error {err:.3g} > {tol:.3g}"
                 continue
-            times[name] = float(self.timer(lambda fn=fn: fn(p, *inputs)))
+            times[name] = float(self.timer(lambda fn=fn, args=args: fn(p, *args)))
         timed = {k: v for k, v in times.items() if isinstance(v, float)}
         best = min(timed, key=lambda k: (timed[k], names.index(k))) if timed else None
         return best, times

@@ -7,6 +7,25 @@ engine of their device, and results stay where the inputs were.
 
 Shapes (CUTLASS letters): x (N, C, H, W), weight (K, C/groups, R, S), y (N, K, P, Q) with
 ``P = (H + 2*pad - dilation*(R - 1) - 1) // stride + 1`` (see :class:`gpuconv.ConvProblem`).
+
+Memory formats, as PyTorch's: shapes are always the logical NCHW ones; an array may be laid out
+channels_last ("nhwc": ``a.transpose(0, 2, 3, 1)`` is C-contiguous; see
+:func:`gpuconv._arrays.memory_format` for PyTorch's rule on ambiguous strides). Each op decides
+the format of its results here, once (:func:`_formats`), converts an input of the other format
+once, and both engines then run that format natively (no transposes inside):
+
+==========================  =========================================================
+op                          results channels_last when
+==========================  =========================================================
+conv2d                      input or weight is channels_last (torch.nn.functional.conv2d)
+conv2d_grad_input           grad_output or weight is (the forward's format: what autograd's
+                            convolution_backward gives; torch.nn.grad.conv2d_input, having no
+                            input tensor, follows the weight only)
+conv2d_grad_weight          input or grad_output is (torch.nn.grad.conv2d_weight: the input)
+max_pool2d (y and indices)  input is;  max_pool2d_backward: grad_output is
+activations and backward    input is (the others are converted to its format)
+==========================  =========================================================
+An empty array is never channels_last (PyTorch's rule), so a batch of 0 gives NCHW results.
 """
 from __future__ import annotations
 
@@ -14,7 +33,7 @@ import numbers
 
 import numpy as np
 
-from ._arrays import check_arrays, check_shape
+from ._arrays import check_arrays, check_shape, conv_format, memory_format, to_format
 from .problem import ConvProblem, PoolProblem, _pair, conv_transpose_output_size
 
 __all__ = [
@@ -61,6 +80,13 @@ def _run(xp, op, p, *arrays):
     return zeros(p.w_shape if op == "conv_wgrad" else p.x_shape)  # dgrad: dL/dx
 
 
+def _formats(fmt, *arrays):
+    """`arrays` (None kept) in memory format `fmt`: the ones already in it as they are, the
+    others converted once (the only layout conversion an op makes)."""
+    return tuple(a if a is None or a.ndim != 4 or memory_format(a) == fmt else to_format(a, fmt)
+                 for a in arrays)
+
+
 # ---------------------------------------------------------------------------------------------
 # convolution and its two vector-Jacobian products
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +97,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     p*stride_h + r*dil_h, q*stride_w + s*dil_w]`` with g the group of k.
 
     >>> import numpy as np, gpuconv as gc
+    y is channels_last when x or weight is (PyTorch's rule), else C-contiguous.
+
     >>> gc.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2))).tolist()
     [[[[4.0, 4.0], [4.0, 4.0]]]]
     """
@@ -79,6 +107,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     p = ConvProblem.from_args(x.shape, weight.shape, stride, padding, dilation, groups)
     if bias is not None:
         check_shape("bias", bias, (p.K,))
+    x, weight = _formats(conv_format(x, weight), x, weight)
     return _run(xp, "conv_fprop", p, x, weight, bias)
 
 
@@ -87,22 +116,26 @@ def conv2d_grad_input(input_shape, weight, grad_output, stride=1, padding=0, dil
     """dL/dx: the convolution of the padded, stride-dilated grad_output with the mirrored kernel.
 
     ``input_shape`` is needed because several input sizes give the same output size; rows and
-    columns of x that no window reached get exact zeros.
+    columns of x that no window reached get exact zeros. The result is channels_last when
+    grad_output or weight is.
     """
     xp = check_arrays([("weight", weight), ("grad_output", grad_output)],
                       ndim={"weight": 4, "grad_output": 4})
     p = ConvProblem.from_args(input_shape, weight.shape, stride, padding, dilation, groups)
     check_shape("grad_output", grad_output, p.y_shape)
+    weight, grad_output = _formats(conv_format(grad_output, weight), weight, grad_output)
     return _run(xp, "conv_dgrad", p, weight, grad_output)
 
 
 def conv2d_grad_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1,
                        groups=1):
-    """dL/dw: the convolution of the input with grad_output, summed over the batch."""
+    """dL/dw: the convolution of the input with grad_output, summed over the batch; in
+    channels_last (memory (K, R, S, C/groups)) when input or grad_output is."""
     xp = check_arrays([("input", input), ("grad_output", grad_output)],
                       ndim={"input": 4, "grad_output": 4})
     p = ConvProblem.from_args(input.shape, weight_shape, stride, padding, dilation, groups)
     check_shape("grad_output", grad_output, p.y_shape)
+    input, grad_output = _formats(conv_format(input, grad_output), input, grad_output)
     return _run(xp, "conv_wgrad", p, input, grad_output)
 
 
@@ -121,6 +154,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 
     With ``return_indices=True`` also returns, like PyTorch, the int64 index ``h*W + w`` of each
     maximum in its input plane: the first maximum in row-major order, or the first NaN.
+    y and the indices have x's memory format.
     """
     xp = check_arrays([("input", x)], ndim={"input": 4})
     pp = PoolProblem.from_args(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
@@ -130,7 +164,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 
 def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0,
                         dilation=1, ceil_mode=False):
-    """dL/dx of max_pool2d: each grad_output element goes to its window's recorded maximum."""
+    """dL/dx of max_pool2d: each grad_output element goes to its window's recorded maximum.
+    dx has grad_output's memory format (indices are converted to it where they differ)."""
     xp = check_arrays([("grad_output", grad_output)], ndim={"grad_output": 4})
     pp = PoolProblem.from_args(input_shape, kernel_size, stride, padding, dilation, ceil_mode)
     check_shape("grad_output", grad_output, pp.y_shape)
@@ -138,6 +173,7 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     if type(indices) is not type(grad_output) or indices.dtype != np.int64:
         raise TypeError("indices must be the int64 array max_pool2d(..., return_indices=True) "
                         "returned, on the same device as grad_output")
+    (indices,) = _formats(memory_format(grad_output), indices)
     return _run(xp, "pool_dgrad", pp, grad_output, indices)
 
 
@@ -154,6 +190,8 @@ def _act_grad(kind, x, y, grad_output, alpha=None):
     for name_, a in (("output", y), ("grad_output", grad_output)):
         if a is not None:
             check_shape(name_, a, x.shape)
+    # the result takes x's memory format; y and grad_output are converted to it if they differ
+    y, grad_output = _formats(memory_format(x), y, grad_output)
     return engine_for(xp).act_dgrad(kind, x, y, grad_output, alpha)
 
 

@@ -30,7 +30,8 @@ import threading
 import numpy as np
 
 from . import functional as F
-from ._arrays import CPU_DTYPES, GPU_DTYPES, check_arrays, check_shape, is_cupy_array
+from ._arrays import (CPU_DTYPES, GPU_DTYPES, check_arrays, check_shape, is_cupy_array,
+                      memory_format, to_format)
 from .device import device_of, get_array_module, parse_device, to_device
 from .problem import ConvProblem, PoolProblem, _pair
 
@@ -205,6 +206,11 @@ class Parameter:
         frozen = "" if self._requires_grad else ", requires_grad=False"
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype}, " \
                f"device={device_of(self.data)}{frozen})"
+
+
+def _in_format(a, fmt):
+    """`a` in memory format `fmt` (one copy if it is in the other; see gpuconv._arrays)."""
+    return a if a.ndim != 4 or memory_format(a) == fmt else to_format(a, fmt)
 
 
 def _add_grad(param, compute):
@@ -563,11 +569,15 @@ class Conv2d(Module):
         b = self.bias.data if self.bias is not None else None
         y = F.conv2d(x, self.weight.data, b, **self._args())
         self._keep(x)
+        self._format = memory_format(y)
         return y
 
     def backward(self, grad_output):
         x = self._saved()
         w = self.weight
+        # as autograd's convolution_backward: the gradients take the forward's memory format
+        # (grad_output converted once if it comes in the other); weight.grad keeps its own
+        grad_output = _in_format(grad_output, getattr(self, "_format", "nchw"))
         _add_grad(w, lambda: F.conv2d_grad_weight(x, w.shape, grad_output, **self._args()))
         _add_grad(self.bias, lambda: F.conv2d_grad_bias(grad_output))
         return F.conv2d_grad_input(x.shape, w.data, grad_output, **self._args())
@@ -645,6 +655,8 @@ class MaxPool2d(Module):
 
     def backward(self, grad_output):
         x_shape, idx = self._saved()
+        # dx in the input's memory format (PyTorch's), which the indices carry
+        grad_output = _in_format(grad_output, memory_format(idx))
         return F.max_pool2d_backward(grad_output, idx, x_shape, **self.args)
 
 

@@ -72,3 +72,50 @@ __global__ void dgrad_col(const T* __restrict__ dy, TC* __restrict__ col, const 
         }
     }
 }
+
+// ---- channels_last (NHWC) variant ----------------------------------------------------------
+//   dgrad_col_nhwc<T, TC>(dy, col, geom, ph, pw, I, J, TH, TW)
+//       dy  (N, P, Q, K) of T (physical)
+//       col (G, N*I*J, TH*TW*Kg) of TC: row (n*I + i)*J + j (input pixel (n, ph + stride_h*i,
+//           pw + stride_w*j)), column (a*TW + b)*Kg + k with a, b the phase's taps in mirrored
+//           order, as dgrad_col; then dx_phase (G, N*I*J, Cg) = col @ w_phase (G, TH*TW*Kg, Cg)
+//           and gemm_to_nhwc writes dx[:, ph::stride_h, pw::stride_w, :].
+//   One thread per column element, the channel fastest (loads and stores along K).
+template <typename T, typename TC>
+__global__ void dgrad_col_nhwc(const T* __restrict__ dy, TC* __restrict__ col, const ConvGeom g,
+                               long long ph, long long pw, long long I, long long J,
+                               long long TH, long long TW) {
+    const long long Kg = g.K / g.groups;
+    const long long total = g.K * g.N * I * J * TH * TW;
+    GRID_STRIDE_LOOP(e, total) {
+        const long long k = e % Kg;
+        long long t = e / Kg;
+        const long long b = t % TW;
+        t /= TW;
+        const long long a = t % TH;
+        t /= TH;
+        const long long j = t % J;
+        t /= J;
+        const long long i = t % I;
+        t /= I;
+        const long long n = t % g.N;
+        const long long grp = t / g.N;
+        const long long h = ph + g.stride_h * i;
+        const long long w = pw + g.stride_w * j;
+        // the a-th tap (mirrored order) of this phase along h, the b-th along w
+        long long p = -1, q = -1;
+        for (long long rr = 0, seen = 0; rr < g.R; ++rr) {
+            const long long th = h + g.pad_h - (g.R - 1 - rr) * g.dil_h;
+            if (th % g.stride_h != 0) continue;
+            if (seen++ == a) { p = th / g.stride_h; break; }
+        }
+        for (long long ss = 0, seen = 0; ss < g.S; ++ss) {
+            const long long tw = w + g.pad_w - (g.S - 1 - ss) * g.dil_w;
+            if (tw % g.stride_w != 0) continue;
+            if (seen++ == b) { q = tw / g.stride_w; break; }
+        }
+        col[e] = from_acc<TC>((p >= 0 && p < g.P && q >= 0 && q < g.Q)
+                                  ? to_acc(dy[((n * g.P + p) * g.Q + q) * g.K + grp * Kg + k])
+                                  : typename Acc<T>::type(0));
+    }
+}

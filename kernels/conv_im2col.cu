@@ -78,3 +78,64 @@ __global__ void gemm_to_nchw(const TS* __restrict__ src, const T* __restrict__ b
         dst[((n * Kc + k) * Hd + h0 + sh * i) * Wd + w0 + sw * j] = from_acc<T>(v);
     }
 }
+
+// ---- channels_last (NHWC) variants --------------------------------------------------------
+// Contract (physical C-contiguous arrays; G = groups, Cg = C/G)
+//   im2col_nhwc<T, TC>(x, col, geom)
+//       x   (N, H, W, C)               of T
+//       col (G, N*P*Q, R*S*Cg)         of TC: row n*P*Q + p*Q + q, column (r*S + s)*Cg + c;
+//                                       padding reads as 0.
+//       fprop: y_gemm (G, N*P*Q, Kg) = col @ w^T, w (G, Kg, R*S*Cg) == (K, R, S, Cg)
+//       wgrad: dw (G, Kg, R*S*Cg) = dy^T (G, Kg, N*P*Q) @ col      (both batched cuBLAS GEMMs)
+//   gemm_to_nhwc<T, TS>(src, bias, has_bias, dst, N, G, Cg, I, J, Hd, Wd, h0, w0, sh, sw)
+//       src (G, N, I, J, Cg) of TS -> dst[n, h0 + sh*i, w0 + sw*j, g*Cg + c] of dst
+//       (N, Hd, Wd, G*Cg), + bias[g*Cg + c]. fprop: (G, N*P*Q, Kg) -> y (N, P, Q, K);
+//       dgrad: one stride phase (G, N*I*J, Cg) -> dx[:, h0::sh, w0::sw, :].
+// Variants: one thread per column / output element, the channel fastest, so loads and stores
+// run along contiguous channels.
+template <typename T, typename TC>
+__global__ void im2col_nhwc(const T* __restrict__ x, TC* __restrict__ col, const ConvGeom g) {
+    const long long Cg = g.C / g.groups;
+    const long long total = g.C * g.R * g.S * g.N * g.P * g.Q;
+    GRID_STRIDE_LOOP(e, total) {
+        const long long c = e % Cg;
+        long long t = e / Cg;
+        const long long s = t % g.S;
+        t /= g.S;
+        const long long r = t % g.R;
+        t /= g.R;
+        const long long q = t % g.Q;
+        t /= g.Q;
+        const long long p = t % g.P;
+        t /= g.P;
+        const long long n = t % g.N;
+        const long long grp = t / g.N;
+        const long long h = p * g.stride_h - g.pad_h + r * g.dil_h;
+        const long long w = q * g.stride_w - g.pad_w + s * g.dil_w;
+        const typename Acc<T>::type v =
+            (h >= 0 && h < g.H && w >= 0 && w < g.W)
+                ? to_acc(x[((n * g.H + h) * g.W + w) * g.C + grp * Cg + c]) : 0;
+        col[e] = from_acc<TC>(v);
+    }
+}
+
+template <typename T, typename TS>
+__global__ void gemm_to_nhwc(const TS* __restrict__ src, const T* __restrict__ bias, int has_bias,
+                             T* __restrict__ dst, long long N, long long G, long long Cg,
+                             long long I, long long J, long long Hd, long long Wd, long long h0,
+                             long long w0, long long sh, long long sw) {
+    const long long total = N * I * J * G * Cg;
+    GRID_STRIDE_LOOP(e, total) {
+        const long long c = e % Cg;
+        long long t = e / Cg;
+        const long long grp = t % G;
+        t /= G;
+        const long long j = t % J;
+        t /= J;
+        const long long i = t % I;
+        const long long n = t / I;
+        typename Acc<T>::type v = to_acc(src[(((grp * N + n) * I + i) * J + j) * Cg + c]);
+        if (has_bias) v += to_acc(bias[grp * Cg + c]);
+        dst[((n * Hd + h0 + sh * i) * Wd + w0 + sw * j) * G * Cg + grp * Cg + c] = from_acc<T>(v);
+    }
+}

@@ -98,12 +98,30 @@ extern "C" void h_gemm_to_nchw(char t, char ts, cv src, cv bias, int has_bias, m
                          gemm_to_nchw<T, TS>((const TS*)src, (const T*)bias, has_bias, (T*)dst, N,
                                              Kc, I, J, Hd, Wd, h0, w0, sh, sw); }, G, B))
 }
+extern "C" void h_im2col_nhwc(char t, char tc, cv x, mv col, const ConvGeom* g, unsigned G, unsigned B) {
+    if (t == 'h' && tc == 'f') gc_run([&] { im2col_nhwc<gc_half, float>((const gc_half*)x, (float*)col, *g); }, G, B);
+    else GC_T(t, gc_run([&] { typedef typename gc_gemm<T>::type TC;
+                              im2col_nhwc<T, TC>((const T*)x, (TC*)col, *g); }, G, B))
+}
+extern "C" void h_gemm_to_nhwc(char t, char ts, cv src, cv bias, int has_bias, mv dst, ll N, ll Gr,
+                               ll Cg, ll I, ll J, ll Hd, ll Wd, ll h0, ll w0, ll sh, ll sw,
+                               unsigned G, unsigned B) {
+    GC_T(t, gc_run([&] { typedef typename gc_gemm<T>::type TS;
+                         gemm_to_nhwc<T, TS>((const TS*)src, (const T*)bias, has_bias, (T*)dst, N,
+                                             Gr, Cg, I, J, Hd, Wd, h0, w0, sh, sw); }, G, B))
+}
 """,
     "conv_dgrad.cu": r"""
 extern "C" void h_dgrad_col(char t, char tc, cv dy, mv col, const ConvGeom* g, ll ph, ll pw,
                             ll I, ll J, ll TH, ll TW, unsigned G, unsigned B) {
     GC_T(t, gc_run([&] { typedef typename gc_gemm<T>::type TC;
                          dgrad_col<T, TC>((const T*)dy, (TC*)col, *g, ph, pw, I, J, TH, TW); },
+                   G, B))
+}
+extern "C" void h_dgrad_col_nhwc(char t, char tc, cv dy, mv col, const ConvGeom* g, ll ph, ll pw,
+                                 ll I, ll J, ll TH, ll TW, unsigned G, unsigned B) {
+    GC_T(t, gc_run([&] { typedef typename gc_gemm<T>::type TC;
+                         dgrad_col_nhwc<T, TC>((const T*)dy, (TC*)col, *g, ph, pw, I, J, TH, TW); },
                    G, B))
 }
 """,

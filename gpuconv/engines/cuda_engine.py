@@ -17,6 +17,19 @@ The CUDA side in one-way layers (DESIGN.md "One-way seams"), each importing only
 Convolutions run the registry's selected algorithm (:func:`select`); "auto" is the first
 generation's ``im2col_gemm`` until gpuconv.config.second_generation_enabled(), then the
 autotuner's choice. Pooling, activations and maxout launch the first generation's kernels.
+
+Memory formats (CONTRACT-layouts): the activation input (x; dgrad: dy) decides the op's format
+(gpuconv.functional has already converted the other operand where PyTorch's rule asked for it).
+An algorithm declares ``fn.layouts`` (default ``("nchw",)``). A channels_last op with an
+algorithm that has "nhwc" gets the PHYSICAL C-contiguous (N, H, W, C) / (K, R, S, Cg) arrays
+with no copy (the weight is converted once if it is not channels_last) and its physical result
+comes back as a logical channels_last view: the first generation (im2col_gemm, "auto"'s
+default) has NHWC kernels of its own (im2col_nhwc, dgrad_col_nhwc, gemm_to_nhwc), so "auto"
+makes no transpose. An algorithm without "nhwc" (the second generation, igemm_*, Winograd and
+direct depthwise: NCHW kernels) gets the arrays converted once to NCHW, and its result is
+converted once back to channels_last: the op's result format is the same either way, and
+that conversion is the only transpose. Activations run their flat kernels on the
+physical memory (no conversion); max pooling converts once (its kernels are NCHW).
 """
 from __future__ import annotations
 
@@ -26,6 +39,7 @@ import numpy as np
 
 from .. import autotune as _autotune
 from .. import config as _config
+from .._arrays import memory_format, physical_nhwc, to_format
 from ..kernel_loader import acc_dtype, ctype, launch, pool_geom, require_cuda
 from ..kernel_loader import cuda_available  # noqa: F401  (probed by the benchmark)
 from ..problem import ConvProblem, PoolProblem
@@ -62,27 +76,40 @@ def _on_device(fn):
 # ---------------------------------------------------------------------------------------------
 # convolution: the engine ops
 # ---------------------------------------------------------------------------------------------
+def layouts_of(fn):
+    """The memory layouts a registered algorithm takes (its ``layouts``; ("nchw",) if absent)."""
+    return tuple(getattr(fn, "layouts", ("nchw",)))
+
+
+def _run_conv(op, p, fmt, arrays, bias=()):
+    """The selected `op` algorithm on `arrays` (the op's 4-D operands) in the op's format."""
+    cp = _cp()
+    fn = cuda_registry.select(op, p, arrays[-1].dtype)[1]
+    layouts = layouts_of(fn)
+    if fmt == "nhwc" and "nhwc" in layouts:
+        kw = {"layout": "nhwc"} if len(layouts) > 1 else {}
+        out = fn(p, *(physical_nhwc(a) for a in arrays), *bias, **kw)
+        return out.transpose(0, 3, 1, 2)  # the physical result, as a channels_last view
+    out = fn(p, *(cp.ascontiguousarray(a) for a in arrays), *bias)
+    return to_format(out, "nhwc") if fmt == "nhwc" else out  # NCHW-only: converted once
+
+
 @_on_device
 def conv_fprop(p: ConvProblem, x, w, bias=None):
     cp = _cp()
-    x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
     if bias is not None:
         bias = cp.ascontiguousarray(bias)
-    return cuda_registry.select("fprop", p, x.dtype)[1](p, x, w, bias)
+    return _run_conv("fprop", p, memory_format(x), (x, w), (bias,))
 
 
 @_on_device
 def conv_dgrad(p: ConvProblem, w, dy):
-    cp = _cp()
-    fn = cuda_registry.select("dgrad", p, dy.dtype)[1]
-    return fn(p, cp.ascontiguousarray(w), cp.ascontiguousarray(dy))
+    return _run_conv("dgrad", p, memory_format(dy), (w, dy))
 
 
 @_on_device
 def conv_wgrad(p: ConvProblem, x, dy):
-    cp = _cp()
-    fn = cuda_registry.select("wgrad", p, dy.dtype)[1]
-    return fn(p, cp.ascontiguousarray(x), cp.ascontiguousarray(dy))
+    return _run_conv("wgrad", p, memory_format(x), (x, dy))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,20 +119,24 @@ def conv_wgrad(p: ConvProblem, x, dy):
 def pool_fprop(pp: PoolProblem, x):
     """y (N, C, P, Q) and idx (N, C, P, Q) int64 = h*W + w of each window's max (see pool.cu)."""
     cp = _cp()
+    fmt = memory_format(x)
     x = cp.ascontiguousarray(x)
     y = cp.empty(pp.y_shape, dtype=x.dtype)
     idx = cp.empty(pp.y_shape, dtype=np.int64)
     launch(f"maxpool_fprop<{ctype(x.dtype)}>", y.size, (x, y, idx, pool_geom(pp)))
+    if fmt == "nhwc":  # NCHW kernels: channels_last converted once each way (see the docstring)
+        return to_format(y, fmt), to_format(idx, fmt)
     return y, idx
 
 
 @_on_device
 def pool_dgrad(pp: PoolProblem, dy, idx):
     cp = _cp()
+    fmt = memory_format(dy)
     dy, idx = cp.ascontiguousarray(dy), cp.ascontiguousarray(idx)
     dx = cp.empty(pp.x_shape, dtype=dy.dtype)
     launch(f"maxpool_dgrad<{ctype(dy.dtype)}>", dx.size, (dy, idx, dx, pool_geom(pp)))
-    return dx
+    return to_format(dx, fmt) if fmt == "nhwc" else dx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +153,23 @@ def _alpha(alpha, dtype):
     return acc_dtype(dtype).type(0.0 if alpha is None else alpha)
 
 
+def _flat_operands(x, *others):
+    """Elementwise kernels read flat memory: a channels_last x and its partners (already in
+    x's format, gpuconv.functional) as their physical (N, H, W, C) arrays, no copy; the result
+    is then mapped back with `back`."""
+    if memory_format(x) == "nhwc":
+        return (physical_nhwc(x),) + tuple(None if a is None else physical_nhwc(a)
+                                           for a in others), lambda a: a.transpose(0, 3, 1, 2)
+    return (x,) + others, lambda a: a
+
+
 @_on_device
 def act_fprop(kind, x, alpha=None):
+    (x,), back = _flat_operands(x)
+    return back(_act_fprop(kind, x, alpha))
+
+
+def _act_fprop(kind, x, alpha):
     cp = _cp()
     k = _kind(kind)
     x = cp.ascontiguousarray(x)
@@ -135,6 +181,11 @@ def act_fprop(kind, x, alpha=None):
 @_on_device
 def act_dgrad(kind, x, y, dy, alpha=None):
     """dx from the forward input x, output y (None where unused) and upstream dy."""
+    (x, y, dy), back = _flat_operands(x, y, dy)
+    return back(_act_dgrad(kind, x, y, dy, alpha))
+
+
+def _act_dgrad(kind, x, y, dy, alpha):
     cp = _cp()
     k = _kind(kind)
     x, dy = cp.ascontiguousarray(x), cp.ascontiguousarray(dy)

@@ -77,8 +77,10 @@ KERNELS = (
      _pairs("im2col")
      # fp16 wgrad: the column matrix in fp32 so the N*P*Q reduction is an fp32 GEMM
      + (f"im2col<{_HALF}, float>",)
-     + _pairs("gemm_to_nchw")),
-    ("conv_dgrad.cu", _pairs("dgrad_col")),
+     + _pairs("gemm_to_nchw")
+     # channels_last: the NHWC column matrix and epilogue
+     + _pairs("im2col_nhwc") + (f"im2col_nhwc<{_HALF}, float>",) + _pairs("gemm_to_nhwc")),
+    ("conv_dgrad.cu", _pairs("dgrad_col") + _pairs("dgrad_col_nhwc")),
     ("pool.cu", _each("maxpool_fprop") + _each("maxpool_dgrad")),
     ("activation.cu", _each("act_fprop") + _each("act_dgrad") + _each("maxout_fprop")
      + _each("maxout_dgrad") + (f"convert<{_BF16}, float>", f"convert<float, {_BF16}>")),
@@ -119,8 +121,103 @@ def _gemm_operand(a):
     return convert(a, np.float32) if dtype_name(a.dtype) == "bfloat16" else a
 
 
+def _to_nhwc(t, src, dst, n, g, cg, i, j, hd, wd, h0=0, w0=0, sh=1, sw=1, bias=None):
+    """gemm_to_nhwc: src (g, n, i, j, cg) -> dst[n, h0 + sh*i, w0 + sw*j, :] (+ bias)."""
+    launch(f"gemm_to_nhwc<{t}, {_gemm_ctype(t)}>", n * i * j * g * cg,
+           (src, src if bias is None else bias, np.int32(bias is not None), dst,
+            _i64(n), _i64(g), _i64(cg), _i64(i), _i64(j), _i64(hd), _i64(wd), _i64(h0),
+            _i64(w0), _i64(sh), _i64(sw)))
+
+
+# ---- channels_last: the same three algorithms over physical NHWC arrays ---------------------
+# x (N, H, W, C), w (K, R, S, Cg), dy (N, P, Q, K) C-contiguous (CONTRACT-layouts' "nhwc" call):
+#   fprop  col (G, N*P*Q, R*S*Cg) = im2col_nhwc(x); y_g = col_g @ w_g^T (one batched GEMM),
+#          gemm_to_nhwc writes y (N, P, Q, K) with the bias
+#   wgrad  dw (G, Kg, R*S*Cg) = dy_g^T @ col_g == the physical (K, R, S, Cg)
+#   dgrad  per stride phase: dgrad_col_nhwc (G, N*I*J, TH*TW*Kg) @ w_phase (G, TH*TW*Kg, Cg),
+#          gemm_to_nhwc writes dx[:, ph::sh, pw::sw, :]
+def _fprop_nhwc(p, x, w, bias):
+    cp = _cp()
+    t, dt = ctype(x.dtype), x.dtype
+    gd = gemm_dtype(dt)
+    G, PQ, RSCg = p.groups, p.P * p.Q, p.R * p.S * p.Cg
+    y = cp.empty((p.N, p.P, p.Q, p.K), dtype=dt)
+    wt = _gemm_operand(w).reshape(G, p.Kg, RSCg).transpose(0, 2, 1)  # (G, R*S*Cg, Kg) view
+    per_image = (p.C * p.R * p.S * PQ + p.K * PQ) * gd.itemsize
+    for n0, n1 in _chunks(p.N, per_image):
+        nc = n1 - n0
+        col = cp.empty((G, nc * PQ, RSCg), dtype=gd)
+        launch(f"im2col_nhwc<{t}, {_gemm_ctype(t)}>", p.C * p.R * p.S * nc * PQ,
+               (x[n0:n1], col, conv_geom(p.with_batch(nc))))
+        yg = cp.ascontiguousarray(cp.matmul(col, wt))  # (G, nc*P*Q, Kg)
+        _to_nhwc(t, yg, y[n0:n1], nc, G, p.Kg, p.P, p.Q, p.P, p.Q, bias=bias)
+    return y
+
+
+def _wgrad_nhwc(p, x, dy):
+    cp = _cp()
+    t, dt = ctype(x.dtype), x.dtype
+    acc = acc_dtype(dt)
+    G, PQ, RSCg = p.groups, p.P * p.Q, p.R * p.S * p.Cg
+    per_image = (p.C * p.R * p.S * PQ + p.K * PQ) * acc.itemsize
+    dw = None
+    for n0, n1 in _chunks(p.N, per_image):
+        nc = n1 - n0
+        col = cp.empty((G, nc * PQ, RSCg), dtype=acc)
+        launch(f"im2col_nhwc<{t}, {ctype(acc)}>", p.C * p.R * p.S * nc * PQ,
+               (x[n0:n1], col, conv_geom(p.with_batch(nc))))
+        dyc = _gemm_operand(dy[n0:n1]).reshape(nc * PQ, G, p.Kg).transpose(1, 2, 0)
+        part = cp.matmul(cp.ascontiguousarray(dyc, dtype=acc), col)  # (G, Kg, R*S*Cg)
+        if dw is None:
+            dw = part
+        else:
+            dw += part
+    dw = dw.reshape(p.K, p.R, p.S, p.Cg)
+    if dtype_name(dt) == "bfloat16":
+        return convert(dw, dt)
+    return dw.astype(dt, copy=False)
+
+
+def _dgrad_nhwc(p, w, dy):
+    cp = _cp()
+    t, dt = ctype(dy.dtype), dy.dtype
+    gd = gemm_dtype(dt)
+    G, Kg, Cg = p.groups, p.Kg, p.Cg
+    w5 = _gemm_operand(w).reshape(G, Kg, p.R, p.S, Cg)
+    plan, per_image, untouched = [], 0, False
+    for h0, n_i, taps_h in p.dgrad_phases("h")[0]:
+        for w0, n_j, taps_w in p.dgrad_phases("w")[0]:
+            if n_i == 0 or n_j == 0:
+                continue
+            if not taps_h or not taps_w:
+                untouched = True
+                continue
+            th, tw = len(taps_h), len(taps_w)
+            rs = cp.asarray(np.array([r for r, _ in taps_h], dtype=np.int64))
+            ss = cp.asarray(np.array([s for s, _ in taps_w], dtype=np.int64))
+            wsub = cp.take(cp.take(w5, rs, axis=2), ss, axis=3)  # (G, Kg, TH, TW, Cg)
+            wsub = cp.ascontiguousarray(wsub.transpose(0, 2, 3, 1, 4)).reshape(G, th * tw * Kg, Cg)
+            plan.append((h0, w0, n_i, n_j, th, tw, wsub))
+            per_image = max(per_image, (p.K * th * tw + p.C) * n_i * n_j * gd.itemsize)
+    dx = (cp.zeros if untouched else cp.empty)((p.N, p.H, p.W, p.C), dtype=dt)
+    for n0, n1 in _chunks(p.N, per_image):
+        nc = n1 - n0
+        geom = conv_geom(p.with_batch(nc))
+        for h0, w0, n_i, n_j, th, tw, wsub in plan:
+            col = cp.empty((G, nc * n_i * n_j, th * tw * Kg), dtype=gd)
+            launch(f"dgrad_col_nhwc<{t}, {_gemm_ctype(t)}>", p.K * nc * n_i * n_j * th * tw,
+                   (dy[n0:n1], col, geom, _i64(h0), _i64(w0), _i64(n_i), _i64(n_j), _i64(th),
+                    _i64(tw)))
+            out = cp.matmul(col, wsub)  # (G, nc*I*J, Cg)
+            _to_nhwc(t, out, dx[n0:n1], nc, G, Cg, n_i, n_j, p.H, p.W, h0, w0, p.stride_h,
+                     p.stride_w)
+    return dx
+
+
 # ---- im2col + GEMM --------------------------------------------------------------------------
-def fprop_im2col_gemm(p: ConvProblem, x, w, bias):
+def fprop_im2col_gemm(p: ConvProblem, x, w, bias, layout="nchw"):
+    if layout == "nhwc":
+        return _fprop_nhwc(p, x, w, bias)
     cp = _cp()
     t, dt = ctype(x.dtype), x.dtype
     gd = gemm_dtype(dt)
@@ -138,7 +235,9 @@ def fprop_im2col_gemm(p: ConvProblem, x, w, bias):
     return y
 
 
-def wgrad_im2col_gemm(p: ConvProblem, x, dy):
+def wgrad_im2col_gemm(p: ConvProblem, x, dy, layout="nchw"):
+    if layout == "nhwc":
+        return _wgrad_nhwc(p, x, dy)
     cp = _cp()
     t, dt = ctype(x.dtype), x.dtype
     acc = acc_dtype(dt)  # also the column matrix's dtype: 16-bit columns are stored as fp32
@@ -165,7 +264,9 @@ def wgrad_im2col_gemm(p: ConvProblem, x, dy):
     return dw.astype(dt, copy=False)
 
 
-def dgrad_im2col_gemm(p: ConvProblem, w, dy):
+def dgrad_im2col_gemm(p: ConvProblem, w, dy, layout="nchw"):
+    if layout == "nhwc":
+        return _dgrad_nhwc(p, w, dy)
     cp = _cp()
     t, dt = ctype(dy.dtype), dy.dtype
     gd = gemm_dtype(dt)
@@ -208,5 +309,6 @@ def register(register_algorithm):
     """Register the three im2col_gemm algorithms through the registry's `register_algorithm`."""
     for op, fn in (("fprop", fprop_im2col_gemm), ("wgrad", wgrad_im2col_gemm),
                    ("dgrad", dgrad_im2col_gemm)):
+        fn.layouts = ("nchw", "nhwc")  # CONTRACT-layouts: both, by the layout keyword
         register_algorithm(op, "im2col_gemm", fn, replace=True)
     return {op: ["im2col_gemm"] for op in ("fprop", "wgrad", "dgrad")}

@@ -15,6 +15,7 @@ import threading
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from .._arrays import memory_format
 from ..problem import ConvProblem, PoolProblem
 from ..problem import phase_taps as _phase_taps  # the one copy of the stride-phase arithmetic
 
@@ -154,6 +155,8 @@ def _batch_chunks(p: ConvProblem, op, itemsize):
 
 
 def conv_fprop(p: ConvProblem, x, w, bias=None):
+    if memory_format(x) == "nhwc":  # channels_last: numpy_nhwc computes on its NHWC memory
+        return _nhwc.conv_fprop(p, x, w, bias)
     chunks = _batch_chunks(p, "fprop", x.itemsize)
     if len(chunks) == 1:
         return _fprop(p, x, w, bias)
@@ -161,6 +164,8 @@ def conv_fprop(p: ConvProblem, x, w, bias=None):
 
 
 def conv_dgrad(p: ConvProblem, w, dy):
+    if memory_format(dy) == "nhwc":
+        return _nhwc.conv_dgrad(p, w, dy)
     chunks = _batch_chunks(p, "dgrad", dy.itemsize)
     if len(chunks) == 1:
         return _dgrad(p, w, dy)
@@ -168,6 +173,8 @@ def conv_dgrad(p: ConvProblem, w, dy):
 
 
 def conv_wgrad(p: ConvProblem, x, dy):
+    if memory_format(x) == "nhwc":
+        return _nhwc.conv_wgrad(p, x, dy)
     chunks = _batch_chunks(p, "wgrad", x.itemsize)
     dw = _wgrad(p.with_batch(chunks[0][1]), x[:chunks[0][1]], dy[:chunks[0][1]])
     for a, b in chunks[1:]:
@@ -468,14 +475,23 @@ def pool_fprop(pp: PoolProblem, x):
     of 8x64x112x112 here: 33 ms, against 75 ms materialising the windows for argmax and 19 ms
     in PyTorch; a boolean-mask update of k instead of the max costs 6 ms a tap.)
     """
+    if memory_format(x) == "nhwc":
+        return _nhwc.pool_fprop(pp, x)
     xp = _pad(x, pp.pad_h, pp.pad_h_end, pp.pad_w, pp.pad_w_end, value=-np.inf, slot=None)
+    return _pool_taps_max(pp, xp, x)
+
+
+def _pool_taps_max(pp: PoolProblem, xp, x):
+    """pool_fprop's running maximum over the -inf padded input `xp` (of x). Its arrays follow
+    the memory layout of `xp` (copies and allocations in 'K' order), so that numpy_nhwc runs it
+    unchanged on the logical views of channels_last memory."""
     taps = [xp[:, :, r * pp.dil_h:r * pp.dil_h + pp.stride_h * (pp.P - 1) + 1:pp.stride_h,
                s * pp.dil_w:s * pp.dil_w + pp.stride_w * (pp.Q - 1) + 1:pp.stride_w]
             for r in range(pp.R) for s in range(pp.S)]
-    y = taps[0].copy()
-    k = np.zeros(y.shape, np.int8 if len(taps) < 1 << 7 else
-                 np.int16 if len(taps) < 1 << 15 else np.int64)
-    won = np.empty(y.shape, bool)
+    y = taps[0].copy(order="K")
+    k = np.zeros_like(y, np.int8 if len(taps) < 1 << 7 else
+                      np.int16 if len(taps) < 1 << 15 else np.int64)
+    won = np.empty_like(y, bool)
     tk = np.empty_like(k)
     has_nan = bool(np.isnan(x).any())
     for t, v in enumerate(taps[1:], start=1):
@@ -523,6 +539,8 @@ def pool_dgrad(pp: PoolProblem, dy, idx):
     64x32x28x28). Overlapping windows sum their contributions: a deterministic float64
     histogram (np.bincount), rounded once.
     """
+    if memory_format(dy) == "nhwc":
+        return _nhwc.pool_dgrad(pp, dy, idx)
     nc = pp.N * pp.C
     plane = pp.H * pp.W
     flat = (idx.reshape(nc, -1) + (np.arange(nc) * plane)[:, None]).ravel()
@@ -600,3 +618,6 @@ def maxout_dgrad(dy, idx, pieces, axis, x_shape):
     np.put_along_axis(dx, np.expand_dims(idx, axis + 1), np.expand_dims(dy, axis + 1),
                       axis=axis + 1)
     return dx.reshape(x_shape)
+
+
+from . import numpy_nhwc as _nhwc  # noqa: E402  (the channels_last paths; it imports this module)

@@ -20,22 +20,27 @@ functional API on arrays that share the tensors' memory:
 
 - CPU tensors (float32/float64): NumPy views (``Tensor.numpy()``, zero-copy). Contiguous and
   channels_last tensors are passed as they are; any other layout is made contiguous once. The
-  NumPy engine computes in NCHW: a channels_last input is read through its strided view, and the
-  layout change happens inside the copy the engine makes anyway (the padded input or the im2col
-  matrix), not in a separate pass. Results are fresh NCHW-contiguous arrays wrapped without a
-  copy (``torch.from_numpy``).
+  NumPy engine computes channels_last inputs on their NHWC memory (engines/numpy_nhwc.py).
+  Results are fresh arrays in the op's memory format, wrapped without a copy
+  (``torch.from_numpy``).
 - CUDA tensors (float16/float32/float64; bfloat16 computed in float32, see below): CuPy arrays
   through DLPack, under the tensor's device, on torch's current stream
   (``cupy.cuda.ExternalStream``), with every CuPy allocation of the call — outputs and workspace
   — taken from torch's caching allocator, so one memory pool serves both libraries. The CUDA
-  engine makes non-contiguous inputs (channels_last included) contiguous once.
+  engine routes channels_last inputs to NHWC kernels (first generation) or converts them once
+  (NCHW-only algorithms); other non-contiguous inputs are made contiguous once.
 - bfloat16 (CUDA only): the bridge converts bfloat16 operands to float32, runs the float32
   kernels and rounds the results to bfloat16 (float32 accumulation, one extra conversion pass
   each way). Handing bfloat16 through DLPack as is needs CuPy's ml_dtypes bfloat16 on both sides
   and gpuconv ops that accept it; that exchange has not run on a GPU yet, so the bridge keeps
   the path whose kernels exist for certain (switching is the two bfloat16 lines of _call_cuda).
 
-Outputs are always contiguous (NCHW), whatever the input layout; the fake kernels say so.
+Memory formats: channels_last tensors in -> channels_last tensors out, gradients included, by
+gpuconv.functional's rule (PyTorch's: conv2d's output is channels_last when its input or weight
+is; the gradient ops take the forward's format, the backward of conv2d converting a
+grad_output of the other format once, as autograd's convolution_backward does). The engines
+compute in that format natively; the results are wrapped with their strides, and the fake
+kernels report the same strides (:func:`_empty`), so torch.compile sees what eager gives.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ import functools
 import torch
 
 from .. import functional as gf
+from .._arrays import conv_format as _array_conv_format
 from ..problem import ConvProblem, PoolProblem
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -124,6 +130,35 @@ def _plain(t):
     return t.contiguous()
 
 
+class _Strides:
+    """A tensor's sizes and strides in the attributes gpuconv._arrays.memory_format reads."""
+
+    def __init__(self, t):
+        self.ndim, self.shape, self.strides = t.dim(), tuple(t.shape), tuple(t.stride())
+        self.size = t.numel()
+
+
+def conv_format(*tensors):
+    """"nhwc" if any tensor (None ignored) is channels_last by PyTorch's rule, else "nchw"."""
+    return _array_conv_format(*(None if t is None else _Strides(t) for t in tensors))
+
+
+def _torch_format(fmt):
+    return torch.channels_last if fmt == "nhwc" else torch.contiguous_format
+
+
+def _empty(like, shape, fmt, dtype=None):
+    """The fake kernels' result: `shape` in memory format `fmt` (what the engines return)."""
+    return like.new_empty(shape, dtype=dtype).contiguous(memory_format=_torch_format(fmt))
+
+
+def _wrap(t):
+    """An engine result as a tensor in the format its strides say (no copy when they already
+    are dense in it, the engines' case)."""
+    fmt = conv_format(t) if t.dim() == 4 else "nchw"
+    return t.contiguous(memory_format=_torch_format(fmt))
+
+
 def call_engine(fn, *tensors):
     """fn(*arrays) on the engine of the tensors' device; its array result(s) back as tensors.
 
@@ -135,7 +170,7 @@ def call_engine(fn, *tensors):
     device = next(t.device for t in tensors if t is not None)
     if device.type == "cpu":
         out = fn(*[None if t is None else _plain(t).resolve_neg().numpy() for t in tensors])
-        return _map(out, lambda a: torch.from_numpy(a).contiguous())
+        return _map(out, lambda a: _wrap(torch.from_numpy(a)))
     return _call_cuda(fn, device, tensors)
 
 
@@ -157,7 +192,7 @@ def _call_cuda(fn, device, tensors):
             cupy.cuda.ExternalStream(stream.cuda_stream, device.index), \
             cupy.cuda.using_allocator(_torch_allocator(cupy)):
         out = fn(*[None if t is None else cupy.from_dlpack(_plain(t)) for t in tensors])
-        out = _map(out, lambda a: torch.from_dlpack(a).contiguous())
+        out = _map(out, lambda a: _wrap(torch.from_dlpack(a)))
     if low == torch.bfloat16:
         out = _map(out, lambda t: t.to(low) if t.is_floating_point() else t)
     return out
@@ -199,7 +234,7 @@ def _fake_conv2d(input, weight, bias, stride, padding, dilation, groups, same):
     if bias is not None and tuple(bias.shape) != (p.K,):
         raise ValueError(f"gpuconv.torch.conv2d: bias must have shape ({p.K},), "
                          f"got {tuple(bias.shape)}")
-    return input.new_empty((input.shape[0], p.K, p.P, p.Q))
+    return _empty(input, (input.shape[0], p.K, p.P, p.Q), conv_format(input, weight))
 
 
 @torch.library.custom_op("gpuconv::conv2d_grad_input", mutates_args=(),
@@ -217,7 +252,7 @@ def conv2d_grad_input(input_shape, weight, grad_output, stride, padding, dilatio
 def _(input_shape, weight, grad_output, stride, padding, dilation, groups, same):
     check_tensors("conv2d_grad_input", [("weight", weight), ("grad_output", grad_output)])
     conv_problem(input_shape, weight.shape, stride, padding, dilation, groups, same)
-    return weight.new_empty(input_shape)
+    return _empty(weight, input_shape, conv_format(grad_output, weight))
 
 
 @torch.library.custom_op("gpuconv::conv2d_grad_weight", mutates_args=(),
@@ -236,7 +271,7 @@ def conv2d_grad_weight(input, weight_shape, grad_output, stride, padding, dilati
 def _(input, weight_shape, grad_output, stride, padding, dilation, groups, same):
     check_tensors("conv2d_grad_weight", [("input", input), ("grad_output", grad_output)])
     conv_problem(input.shape, weight_shape, stride, padding, dilation, groups, same)
-    return input.new_empty(weight_shape)
+    return _empty(input, weight_shape, conv_format(input, grad_output))
 
 
 # autograd. The three ops are the bilinear form y = B(x, w) and its two partial adjoints, so
@@ -250,6 +285,8 @@ def _setup_conv2d(ctx, inputs, output):
 def _backward_conv2d(ctx, dy):
     x, w = ctx.saved_tensors
     need = ctx.needs_input_grad
+    # the gradients in the forward's memory format (autograd's convolution_backward does so)
+    dy = dy.contiguous(memory_format=_torch_format(conv_format(x, w)))
     dx = torch.ops.gpuconv.conv2d_grad_input(x.shape, w, dy, *ctx.args) if need[0] else None
     dw = torch.ops.gpuconv.conv2d_grad_weight(x, w.shape, dy, *ctx.args) if need[1] else None
     db = dy.sum((0, 2, 3)) if ctx.has_bias and need[2] else None
@@ -302,7 +339,8 @@ def _fake_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     _rank4("max_pool2d", "input", input.shape)
     pp = pool_problem(input.shape, kernel_size, stride, padding, dilation, ceil_mode)
     shape = (input.shape[0], pp.C, pp.P, pp.Q)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+    fmt = conv_format(input)
+    return _empty(input, shape, fmt), _empty(input, shape, fmt, dtype=torch.int64)
 
 
 @torch.library.custom_op("gpuconv::max_pool2d_backward", mutates_args=(),
@@ -329,7 +367,7 @@ def _check_pool_grad(grad_output, indices):
 def _(grad_output, indices, input_shape, kernel_size, stride, padding, dilation, ceil_mode):
     _check_pool_grad(grad_output, indices)
     pool_problem(input_shape, kernel_size, stride, padding, dilation, ceil_mode)
-    return grad_output.new_empty(input_shape)
+    return _empty(grad_output, input_shape, conv_format(grad_output))
 
 
 def _setup_max_pool2d(ctx, inputs, output):
@@ -341,6 +379,7 @@ def _setup_max_pool2d(ctx, inputs, output):
 
 def _backward_max_pool2d(ctx, dy, _d_indices):
     idx, = ctx.saved_tensors
+    dy = dy.contiguous(memory_format=_torch_format(conv_format(idx)))  # the input's format
     dx = torch.ops.gpuconv.max_pool2d_backward(dy, idx, ctx.input_shape, *ctx.args)
     return (dx,) + (None,) * len(ctx.args)
 
