@@ -50,11 +50,13 @@ HEURISTIC_ORDER = ("direct_depthwise", "im2col_gemm")
 # ---------------------------------------------------------------------------------------------
 # keys, hashes, candidates
 # ---------------------------------------------------------------------------------------------
-def problem_key(op, p: ConvProblem, dtype, tf32: bool) -> str:
+def problem_key(op, p: ConvProblem, dtype, tf32: bool, layout="nchw") -> str:
     # the dataclass fields only: p.__dict__ would also hold whichever cached sizes (P, Q) had
     # been computed, so one problem could get two keys
     geo = ",".join(f"{k}={getattr(p, k)}" for k in sorted(f.name for f in dataclasses.fields(p)))
-    return f"{op}|{np.dtype(dtype).name}|tf32={int(bool(tf32))}|{geo}"
+    # NCHW keys as before (existing caches stay valid); channels_last ops are tuned apart
+    fmt = "" if layout == "nchw" else f"|{layout}"
+    return f"{op}|{np.dtype(dtype).name}|tf32={int(bool(tf32))}{fmt}|{geo}"
 
 
 def kernel_source_hash(read_all=None) -> str:
@@ -73,8 +75,10 @@ def kernel_source_hash(read_all=None) -> str:
 
 def candidates(p: ConvProblem, dtype, registry: dict, layout="nchw"):
     """Names (registry order) of the algorithms that support (p, dtype) on arrays of memory
-    format `layout` ("nchw" | "nhwc", fn.layouts); third-generation ones only while
-    gpuconv.config.third_generation_enabled()."""
+    format `layout` ("nchw" | "nhwc", fn.layouts): "auto" never picks an algorithm that would
+    need a transpose (a channels_last op chooses among the first generation's NHWC path and,
+    while gpuconv.config.third_generation_enabled(), the third generation; an NCHW op among the
+    first two). Third-generation ones only while that gate is on."""
     out = []
     gen3 = config.third_generation_enabled()
     for name, fn in registry.items():
@@ -93,8 +97,8 @@ def candidates(p: ConvProblem, dtype, registry: dict, layout="nchw"):
     return out
 
 
-def heuristic(op, p: ConvProblem, dtype, registry: dict, order=HEURISTIC_ORDER):
-    names = candidates(p, dtype, registry)
+def heuristic(op, p: ConvProblem, dtype, registry: dict, order=HEURISTIC_ORDER, layout="nchw"):
+    names = candidates(p, dtype, registry, layout=layout)
     if not names:
         raise ValueError(f"no registered {op} algorithm supports {p} in {np.dtype(dtype).name}")
     for name in order:
@@ -128,9 +132,11 @@ def _nhwc(a):
     return _xp(a).ascontiguousarray(a.transpose(0, 2, 3, 1))
 
 
-def _logical_result(fn):
-    """fn with its physical NHWC result seen as the logical NCHW view (no copy)."""
-    return lambda p, *args: fn(p, *args).transpose(0, 3, 1, 2)
+def _logical_result(fn, layout_kw=False):
+    """fn called in NHWC (with layout="nhwc" where it takes both formats), its physical result
+    seen as the logical NCHW view (no copy)."""
+    kw = {"layout": "nhwc"} if layout_kw else {}
+    return lambda p, *args: fn(p, *args, **kw).transpose(0, 3, 1, 2)
 
 
 def _xp(a):
@@ -217,16 +223,16 @@ class Autotuner:
         self._lock = threading.Lock()
 
     def select(self, op, p: ConvProblem, dtype, registry: dict, make_inputs, reference,
-               tf32=None):
+               tf32=None, layout="nchw"):
         """The name of the fastest correct algorithm of `registry` for (op, p, dtype).
 
         make_inputs() -> tuple of arrays for fn(p, *inputs); reference(*inputs) -> the result to
         match. Raises ValueError when no registered algorithm supports the problem.
         """
         tf32 = get_allow_tf32() if tf32 is None else bool(tf32)
-        key = problem_key(op, p, dtype, tf32)
+        key = problem_key(op, p, dtype, tf32, layout)
         with self._lock:
-            names = candidates(p, dtype, registry)
+            names = candidates(p, dtype, registry, layout=layout)
             if not names:
                 raise ValueError(f"no registered {op} algorithm supports {p} in "
                                  f"{np.dtype(dtype).name}")
@@ -236,19 +242,20 @@ class Autotuner:
             if hit in names:
                 self.memory[key] = hit
                 return hit
-            best, times = self._tune(p, dtype, tf32, names, registry, make_inputs, reference)
+            best, times = self._tune(p, dtype, tf32, names, registry, make_inputs, reference,
+                                     layout)
             self.log.append((key, times))
             if best is None:  # nothing passed: do not cache, fall back to the heuristic
                 warnings.warn(f"autotune: no {op} candidate matched the reference for {p} "
                               f"({times}); using the heuristic choice")
-                return heuristic(op, p, dtype, registry)
+                return heuristic(op, p, dtype, registry, layout=layout)
             self.memory[key] = best
             if self.disk is not None:
                 self.disk.put(key, best, {k: v for k, v in times.items()
                                           if isinstance(v, float)})
             return best
 
-    def _tune(self, p, dtype, tf32, names, registry, make_inputs, reference):
+    def _tune(self, p, dtype, tf32, names, registry, make_inputs, reference, layout="nchw"):
         inputs = make_inputs()
         ref = reference(*inputs)
         tol = tolerance(dtype, tf32)
@@ -256,13 +263,15 @@ class Autotuner:
         nhwc_inputs = None
         for name in names:
             fn, args = registry[name], inputs
-            if "nchw" not in getattr(fn, "layouts", ("nchw",)):
-                # an "nhwc"-only candidate (CONTRACT-layouts) runs on the physical NHWC copies
-                # of the same inputs, made once; its physical result is compared with the
-                # reference in the logical NCHW order
+            lays = getattr(fn, "layouts", ("nchw",))
+            if "nhwc" in lays and (layout == "nhwc" or "nchw" not in lays):
+                # a channels_last op's candidate (or an "nhwc"-only one, CONTRACT-layouts) runs
+                # as the engine will run it, on the physical NHWC copies of the same inputs,
+                # made once; its physical result is compared with the reference in the logical
+                # NCHW order
                 if nhwc_inputs is None:
                     nhwc_inputs = tuple(_nhwc(a) for a in inputs)
-                fn, args = _logical_result(fn), nhwc_inputs
+                fn, args = _logical_result(fn, len(lays) > 1), nhwc_inputs
             try:
                 err = relative_error(fn(p, *args), ref)
             except Exception as e:  # a candidate that fails is not chosen
@@ -338,14 +347,14 @@ def _gpu_tuner():
 REFERENCE_ALGORITHM = "im2col_gemm"
 
 
-def gpu_policy(op, p: ConvProblem, dtype):
+def gpu_policy(op, p: ConvProblem, dtype, layout="nchw"):
     """The CUDA engine's "auto" policy (second generation on): autotune (default) or the
     heuristic, among the algorithms of gpuconv.engines.cuda_registry."""
     import cupy
     from .engines import cuda_registry
     registry = cuda_registry.ALGORITHMS[op]
     if not autotune_enabled():
-        return heuristic(op, p, dtype, registry)
+        return heuristic(op, p, dtype, registry, layout=layout)
     ref_fn = registry[REFERENCE_ALGORITHM]
     wide = np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
@@ -353,7 +362,8 @@ def gpu_policy(op, p: ConvProblem, dtype):
         return ref_fn(p, *[a.astype(wide) if a is not None else None for a in inputs])
 
     return _gpu_tuner().select(op, p, dtype, registry,
-                               lambda: random_inputs(op, p, dtype, cupy), reference)
+                               lambda: random_inputs(op, p, dtype, cupy), reference,
+                               layout=layout)
 
 
 __all__ = ["Autotuner", "DiskCache", "candidates", "heuristic", "problem_key",

@@ -128,8 +128,99 @@ def test_nhwc_algorithm_gets_physical_arrays_without_copy(eng):
                      (dw, numpy_engine.conv_wgrad(p, x, dy))):
         assert _is_cl(got)
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
-    # an NCHW (contiguous) op with an nhwc-only algorithm is refused by nothing: NCHW routing
-    # never hands it physical arrays (layouts say it cannot take NCHW)
+
+
+def test_nhwc_only_algorithm_on_an_nchw_op_is_converted_once(eng):
+    """An "nhwc"-only algorithm (the third generation) chosen by name for NCHW operands gets
+    physical NHWC copies (never the NCHW memory read as NHWC) and its result comes back NCHW."""
+    p = _problem(CASES[3])
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal(p.x_shape), rng.standard_normal(p.w_shape)
+    dy = rng.standard_normal(p.y_shape)
+    calls = []
+    algos = _nhwc_algorithms(calls)
+    for op, fn in algos.items():
+        cuda_registry.register_algorithm(op, "test_nhwc", fn, replace=True)
+    try:
+        for op in algos:
+            cuda_registry.set_algorithm(op, "test_nhwc")
+        got = (eng.conv_fprop(p, x, w, None), eng.conv_dgrad(p, w, dy), eng.conv_wgrad(p, x, dy))
+    finally:
+        for op in algos:
+            cuda_registry.set_algorithm(op, "auto")
+            del cuda_registry.ALGORITHMS[op]["test_nhwc"]
+    assert [c[1].shape for c in calls] == [(p.N, p.H, p.W, p.C), (p.K, p.R, p.S, p.C // p.groups),
+                                           (p.N, p.H, p.W, p.C)]
+    refs = (numpy_engine.conv_fprop(p, x, w), numpy_engine.conv_dgrad(p, w, dy),
+            numpy_engine.conv_wgrad(p, x, dy))
+    for g, ref in zip(got, refs):
+        assert g.flags.c_contiguous and memory_format(g) == "nchw"
+        np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_selection_is_told_the_memory_format(eng):
+    """"auto" asks a layout-aware policy with the op's format; a policy(op, p, dtype) written
+    before formats existed is asked for NCHW ops only (channels_last: the first generation)."""
+    p = _problem(CASES[0])
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal(p.x_shape), rng.standard_normal(p.w_shape)
+    seen = []
+
+    def aware(op, p, dtype, layout="nchw"):
+        seen.append(layout)
+        return "im2col_gemm"
+
+    def old_style(op, p, dtype):
+        seen.append("old")
+        return "im2col_gemm"
+    try:
+        cuda_registry.set_auto_policy(aware)
+        eng.conv_fprop(p, x, w, None)
+        eng.conv_fprop(p, cl(x), w, None)
+        cuda_registry.set_auto_policy(old_style)
+        eng.conv_fprop(p, x, w, None)
+        y = eng.conv_fprop(p, cl(x), w, None)
+    finally:
+        cuda_registry.set_auto_policy(None)
+    assert seen == ["nchw", "nhwc", "old"] and _is_cl(y)
+
+
+def test_autotuner_tunes_channels_last_ops_apart():
+    """layout="nhwc": only algorithms that read NHWC are candidates (no hidden transposes), a
+    two-format one is called with layout="nhwc" on physical arrays, and the cache key differs
+    from the NCHW op's."""
+    from gpuconv import autotune, config
+    p = _problem(CASES[0])
+    calls = []
+    nhwc_only = _nhwc_algorithms([])["fprop"]
+
+    def both(p, x, w, bias, layout="nchw"):
+        calls.append((layout, x.shape))
+        if layout == "nhwc":
+            return numpy_nhwc.conv_fprop(p, x.transpose(0, 3, 1, 2), w.transpose(0, 3, 1, 2),
+                                         bias).transpose(0, 2, 3, 1)
+        return numpy_engine.conv_fprop(p, x, w, bias)
+    both.layouts = ("nchw", "nhwc")
+
+    def nchw_only(p, x, w, bias):
+        calls.append(("nchw_only", x.shape))
+        return numpy_engine.conv_fprop(p, x, w, bias)
+    registry = {"im2col_gemm": both, "nchw_only": nchw_only, "nhwc_only": nhwc_only}
+    assert autotune.candidates(p, np.float64, registry, layout="nhwc") == ["im2col_gemm",
+                                                                            "nhwc_only"]
+    assert autotune.candidates(p, np.float64, registry) == ["im2col_gemm", "nchw_only"]
+    tu = autotune.Autotuner(timer=lambda fn: 1.0, device_name="d", source_hash="h",
+                            cache_dir="")   # no disk cache
+    inputs = autotune.random_inputs("fprop", p, np.float64, np, seed=1)
+    ref = numpy_engine.conv_fprop(p, *inputs)
+    best = tu.select("fprop", p, np.float64, registry, lambda: inputs, lambda *a: ref,
+                     layout="nhwc")
+    assert best == "im2col_gemm" and ("nhwc", (p.N, p.H, p.W, p.C)) in calls
+    assert not any(c[0] == "nchw_only" for c in calls)
+    assert autotune.problem_key("fprop", p, np.float64, False, "nhwc") in tu.memory
+    assert autotune.problem_key("fprop", p, np.float64, False) not in tu.memory
+    assert "|nhwc|" in autotune.problem_key("fprop", p, np.float64, False, "nhwc")
+    assert config.third_generation_enabled() is False
 
 
 def test_pool_and_activations_channels_last(eng):
@@ -174,7 +265,7 @@ def test_autotuner_calls_nhwc_candidates_in_their_layout():
         return numpy_engine.conv_fprop(p, x, w, bias)
     registry = {"im2col_gemm": ref, "nhwc_good": good, "nhwc_wrong": wrong}
     tu = autotune.Autotuner(timer=lambda fn: 1.0, device_name="d", source_hash="h",
-                            cache_dir=None)
+                            cache_dir="")   # no disk cache
     inputs = autotune.random_inputs("fprop", p, np.float64, np, seed=1)
     best, times = tu._tune(p, np.float64, False, list(registry), registry, lambda: inputs,
                            lambda *a: ref(p, *a))

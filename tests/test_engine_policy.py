@@ -19,8 +19,9 @@ def test_auto_asks_the_autotuner_once_second_generation_is_on(monkeypatch):
     from gpuconv import autotune
     asked = []
 
-    def fake_policy(op, p, dtype):
+    def fake_policy(op, p, dtype, layout="nchw"):
         asked.append((op, p, np.dtype(dtype)))
+        assert layout == "nchw"   # the op's memory format reaches the autotuner
         return "igemm_simt_64x64"
 
     monkeypatch.setattr(autotune, "gpu_policy", fake_policy)

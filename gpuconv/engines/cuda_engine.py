@@ -84,12 +84,15 @@ def layouts_of(fn):
 def _run_conv(op, p, fmt, arrays, bias=()):
     """The selected `op` algorithm on `arrays` (the op's 4-D operands) in the op's format."""
     cp = _cp()
-    fn = cuda_registry.select(op, p, arrays[-1].dtype)[1]
+    fn = cuda_registry.select(op, p, arrays[-1].dtype, layout=fmt)[1]
     layouts = layouts_of(fn)
-    if fmt == "nhwc" and "nhwc" in layouts:
+    if "nhwc" in layouts and (fmt == "nhwc" or "nchw" not in layouts):
         kw = {"layout": "nhwc"} if len(layouts) > 1 else {}
         out = fn(p, *(physical_nhwc(a) for a in arrays), *bias, **kw)
-        return out.transpose(0, 3, 1, 2)  # the physical result, as a channels_last view
+        out = out.transpose(0, 3, 1, 2)  # the physical result, as a channels_last view
+        # an NHWC-only algorithm (the third generation) chosen by name for an NCHW op: its
+        # operands were converted once above, its result is converted once back
+        return out if fmt == "nhwc" else cp.ascontiguousarray(out)
     out = fn(p, *(cp.ascontiguousarray(a) for a in arrays), *bias)
     return to_format(out, "nhwc") if fmt == "nhwc" else out  # NCHW-only: converted once
 
@@ -233,10 +236,10 @@ def maxout_dgrad(dy, idx, pieces, axis, x_shape):
 # only once gpuconv.config.second_generation_enabled() (off by default until those kernels have
 # passed their GPU tests; see gpuconv/config.py).
 # ---------------------------------------------------------------------------------------------
-def _second_generation_policy(op, p, dtype):
+def _second_generation_policy(op, p, dtype, layout="nchw"):
     if not _config.second_generation_enabled():
         return cuda_registry.default_policy(op, p, dtype)
-    return _autotune.gpu_policy(op, p, dtype)
+    return _autotune.gpu_policy(op, p, dtype, layout=layout)
 
 
 cuda_registry.install_default_policy(_second_generation_policy)

@@ -19,6 +19,7 @@ generation, cuda_igemm3, is ("nhwc",) and takes physical NHWC arrays) and ``gene
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import numpy as np
 
@@ -32,8 +33,9 @@ AUTO = "auto"
 _selected = {op: AUTO for op in ALGORITHMS}
 
 
-def default_policy(op, p, dtype):
-    """The "auto" choice until the engine installs its own: the first generation."""
+def default_policy(op, p, dtype, layout="nchw"):
+    """The "auto" choice until the engine installs its own: the first generation (both
+    memory formats)."""
     return "im2col_gemm"
 
 
@@ -83,7 +85,7 @@ def use_algorithm(op, algo_name):
 
 
 def set_auto_policy(policy=None):
-    """Install `policy(op, p, dtype) -> algorithm name` for "auto" (None: back to the installed
+    """Install `policy(op, p, dtype[, layout]) -> algorithm name` for "auto" (None: back to the installed
     default, the engine's second-generation policy once gpuconv.engines.cuda_engine is loaded).
 
     This is the autotuner's hook; the name it returns must be registered for `op`.
@@ -98,12 +100,31 @@ def install_default_policy(policy):
     _auto_policy = _installed_policy = policy
 
 
-def select(op, p, dtype):
-    """(name, fn) of the algorithm that `op` on problem `p` in `dtype` runs now."""
+def _takes_layout(policy):
+    """Does `policy` accept the op's memory format (a 4th argument or a `layout` keyword)?"""
+    try:
+        params = inspect.signature(policy).parameters
+    except (TypeError, ValueError):
+        return False
+    return "layout" in params or len(params) >= 4 or any(
+        q.kind == q.VAR_POSITIONAL for q in params.values())
+
+
+def select(op, p, dtype, layout="nchw"):
+    """(name, fn) of the algorithm that `op` on problem `p` in `dtype` runs now, for operands
+    in memory format `layout` ("nchw" | "nhwc"). A policy that takes `layout` is told it; one
+    written as policy(op, p, dtype) is asked for NCHW ops only: channels_last ops then get the
+    first generation (the engine's fallback that takes both formats)."""
     _check_op(op)
     algo = _selected[op]
     if algo == AUTO:
-        algo = _auto_policy(op, p, np.dtype(dtype))
+        dt = np.dtype(dtype)
+        if _takes_layout(_auto_policy):
+            algo = _auto_policy(op, p, dt, layout=layout)
+        elif layout == "nchw":
+            algo = _auto_policy(op, p, dt)
+        else:
+            algo = default_policy(op, p, dt)
     try:
         fn = ALGORITHMS[op][algo]
     except KeyError:
