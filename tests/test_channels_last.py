@@ -228,3 +228,31 @@ def test_gpuconv_torch_channels_last_compiles():
     assert x.grad.stride() == g0.stride() and g0.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, y0, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, g0, rtol=0, atol=0)
+
+
+DW_CASES = [  # depthwise problems for the blocked NHWC tap loops (flat rows: stride_w 1, Kg 1)
+    ("dw_s1_pad", (3, 5, 9, 7), (5, 1, 3, 3), dict(padding=1, groups=5)),
+    ("dw_s2_dil", (2, 4, 11, 10), (4, 1, 3, 2), dict(stride=2, padding=(2, 1), dilation=(2, 1),
+                                                     groups=4)),
+    ("dw_mult2_sw2", (2, 3, 8, 9), (6, 1, 3, 3), dict(stride=(1, 2), padding=1, groups=3)),
+    ("dw_mult2_s1", (2, 3, 7, 6), (6, 1, 2, 3), dict(padding=(1, 0), groups=3)),
+]
+
+
+@pytest.mark.parametrize("block", (1, 200, 10 ** 6), ids=("row", "rows", "images"))
+@pytest.mark.parametrize("case", DW_CASES, ids=[c[0] for c in DW_CASES])
+def test_depthwise_nhwc_blocks(case, block, monkeypatch):
+    """Depthwise fprop and dgrad in cache-sized blocks of output rows (one row, a few rows of
+    one image, several whole images): the NCHW results in every blocking."""
+    from gpuconv.engines import numpy_nhwc
+    monkeypatch.setattr(numpy_nhwc, "DW_BLOCK_BYTES", block)
+    _, xs, ws, kw = case
+    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+    y0 = gc.conv2d(x, w, **kw)
+    y = gc.conv2d(cl(x), w, **kw)
+    assert_dense(y, "nhwc")
+    np.testing.assert_allclose(y, y0, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y0.shape)
+    dx = gc.conv2d_grad_input(xs, w, cl(dy), **kw)
+    assert_dense(dx, "nhwc")
+    np.testing.assert_allclose(dx, gc.conv2d_grad_input(xs, w, dy, **kw), rtol=1e-12, atol=1e-12)

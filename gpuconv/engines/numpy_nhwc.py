@@ -57,13 +57,36 @@ def _im2col(p: ConvProblem, xh):
     return col.reshape(p.groups, p.N * p.P * p.Q, p.R * p.S * p.Cg)
 
 
-def _taps(p, padded):
-    """(r, s, view (N, P, Q, C)) of the padded physical input that tap (r, s) reads."""
+def _taps(p, padded, rows=None):
+    """(r, s, view (N, P, Q, C)) of the padded physical input that tap (r, s) reads; with
+    `rows` = (p0, p1) only output rows p0 .. p1-1 (view (N, p1-p0, Q, C))."""
+    p0, p1 = (0, p.P) if rows is None else rows
     for r in range(p.R):
         for s in range(p.S):
-            h0, w0 = r * p.dil_h, s * p.dil_w
-            yield r, s, padded[:, h0:h0 + p.stride_h * (p.P - 1) + 1:p.stride_h,
+            h0, w0 = r * p.dil_h + p0 * p.stride_h, s * p.dil_w
+            yield r, s, padded[:, h0:h0 + p.stride_h * (p1 - p0 - 1) + 1:p.stride_h,
                                w0:w0 + p.stride_w * (p.Q - 1) + 1:p.stride_w]
+
+
+#: bytes of output (fprop) / upstream gradient (dgrad) per block of the depthwise tap loops:
+#: the block, its product buffer and the input rows it reads stay in a core's L2 through
+#: all R*S taps instead of streaming from memory R*S times
+DW_BLOCK_BYTES = 256 << 10
+
+
+def _dw_blocks(p, itemsize):
+    """(n0, n1, p0, p1) blocks of (image, output row) covering the output, each about
+    DW_BLOCK_BYTES: whole images where an image is smaller, else rows of one image."""
+    row = p.Q * p.K * itemsize
+    rows = max(1, DW_BLOCK_BYTES // max(row, 1))
+    if rows >= p.P:
+        imgs = max(1, DW_BLOCK_BYTES // max(row * p.P, 1))
+        for n0 in range(0, p.N, imgs):
+            yield n0, min(p.N, n0 + imgs), 0, p.P
+    else:
+        for n0 in range(p.N):
+            for p0 in range(0, p.P, rows):
+                yield n0, n0 + 1, p0, min(p.P, p0 + rows)
 
 
 def _chunks(p, op, itemsize):
@@ -110,14 +133,42 @@ def _fprop_depthwise(p, xh, w, y):
     """Cg == 1: y[..., c*Kg + j] = sum over taps of x_tap[..., c] * w[c*Kg + j, 0, r, s]."""
     w4 = w.reshape(p.C, p.Kg, p.R, p.S)
     yv = y if p.Kg == 1 else y.reshape(p.N, p.P, p.Q, p.C, p.Kg)  # (a trailing 1 is 2x slower)
-    tmp = np.empty(yv.shape, y.dtype)
-    first = True
-    for r, s, v in _taps(p, _pad_nhwc(xh, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)):
-        np.multiply(v if p.Kg == 1 else v[..., None], w4[:, 0, r, s] if p.Kg == 1 else
-                    w4[:, :, r, s], out=yv if first else tmp)
-        if not first:
-            yv += tmp
-        first = False
+    taps, flat = _dw_taps(p, w4)
+    xp = _pad_nhwc(xh, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
+    buf = None
+    for n0, n1, p0, p1 in _dw_blocks(p, y.itemsize):
+        yb = yv[n0:n1, p0:p1]
+        if flat:
+            yb = yb.reshape(n1 - n0, p1 - p0, p.Q * p.C)
+        if buf is None or buf.shape != yb.shape:
+            buf = np.empty(yb.shape, y.dtype)
+        for t, (r, s, v) in enumerate(_taps(p, xp[n0:n1], (p0, p1))):
+            v = _rows(v, yb.shape) if flat else v if p.Kg == 1 else v[..., None]
+            np.multiply(v, taps[t], out=buf if t else yb)
+            if t:
+                yb += buf
+
+
+def _rows(v, shape):
+    """The (n, rows, Q*C) VIEW of a tap window v (n, rows, Q, C) whose W stride is C elements
+    (never a copy: dgrad adds into it)."""
+    n, h, q, c = v.shape
+    assert v.strides[2] == c * v.strides[3] and shape == (n, h, q * c)
+    return as_strided(v, shape=shape, strides=(v.strides[0], v.strides[1], v.strides[3]))
+
+
+def _dw_taps(p, w4):
+    """Per tap the depthwise weights to broadcast, and whether rows are flat: for stride_w 1
+    and Kg 1 a tap's window row is Q*C contiguous elements (W's stride is C), so the weight
+    vector is tiled Q times and every multiply-add runs over whole rows (inner loops Q*C long
+    instead of C: 1.4-1.9x faster on 144-channel 56x56 maps here)."""
+    flat = p.Kg == 1 and p.stride_w == 1
+    taps = []
+    for r in range(p.R):
+        for s in range(p.S):
+            wt = w4[:, 0, r, s] if p.Kg == 1 else w4[:, :, r, s]
+            taps.append(np.tile(wt, p.Q) if flat else wt)
+    return taps, flat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +243,21 @@ def _dgrad_depthwise(p, w, dyh):
                    dyh.dtype)
     w4 = w.reshape(p.C, p.Kg, p.R, p.S)
     dyv = dyh if p.Kg == 1 else dyh.reshape(p.N, p.P, p.Q, p.C, p.Kg)
-    tmp = np.empty(dyv.shape, dyh.dtype)
-    for r, s, v in _taps(p, dxp):
-        if p.Kg == 1:
-            v += np.multiply(dyv, w4[:, 0, r, s], out=tmp)
-        else:
-            v += np.multiply(dyv, w4[:, :, r, s], out=tmp).sum(axis=-1)
+    taps, flat = _dw_taps(p, w4)
+    buf = None
+    for n0, n1, p0, p1 in _dw_blocks(p, dyh.itemsize):  # (fixed block order: deterministic)
+        db = dyv[n0:n1, p0:p1]
+        if flat:
+            db = db.reshape(n1 - n0, p1 - p0, p.Q * p.C)
+        if buf is None or buf.shape != db.shape:
+            buf = np.empty(db.shape, dyh.dtype)
+        for t, (r, s, v) in enumerate(_taps(p, dxp[n0:n1], (p0, p1))):
+            if flat:
+                _rows(v, db.shape)[...] += np.multiply(db, taps[t], out=buf)
+            elif p.Kg == 1:
+                v += np.multiply(db, taps[t], out=buf)
+            else:
+                v += np.multiply(db, taps[t], out=buf).sum(axis=-1)
     dx = dxp[:, p.pad_h:p.pad_h + p.H, p.pad_w:p.pad_w + p.W]
     return dx if dx is dxp else np.ascontiguousarray(dx)
 
