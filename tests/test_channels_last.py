@@ -256,3 +256,18 @@ def test_depthwise_nhwc_blocks(case, block, monkeypatch):
     dx = gc.conv2d_grad_input(xs, w, cl(dy), **kw)
     assert_dense(dx, "nhwc")
     np.testing.assert_allclose(dx, gc.conv2d_grad_input(xs, w, dy, **kw), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("limit", (0, 10 ** 9), ids=("mirrored_fprop", "col2im"))
+@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
+def test_nhwc_dgrad_both_paths(case, limit, monkeypatch):
+    """Stride-1 NHWC dgrad by either route (the mirrored-kernel fprop, or the channel
+    contraction + col2im that small-C layers take) on every shared problem."""
+    from gpuconv.engines import numpy_nhwc
+    monkeypatch.setattr(numpy_nhwc, "NHWC_DGRAD_COL2IM_CG", limit)
+    _, xs, ws, kw = case
+    w = rng.standard_normal(ws)
+    dy = rng.standard_normal(gc.conv2d(rng.standard_normal(xs), w, **kw).shape)
+    dx = gc.conv2d_grad_input(xs, w, cl(dy), **kw)
+    assert_dense(dx, memory_format(cl(dy)))
+    np.testing.assert_allclose(dx, gc.conv2d_grad_input(xs, w, dy, **kw), rtol=1e-11, atol=1e-11)

@@ -210,13 +210,20 @@ def _wgrad_part(p, xh, dyh):
 # ---------------------------------------------------------------------------------------------
 # dgrad: channel contraction first (one GEMM), then col2im, one strided add per tap
 # ---------------------------------------------------------------------------------------------
+#: at most this many input channels per group, stride-1 dgrad too goes through the channel
+#: contraction + col2im: the mirrored-kernel fprop would build an (N*H*W, R*S*K) column matrix
+#: for a GEMM with Cg columns (LeNet's conv1, C = 1, 5x5: 11.3 ms that way against ~1 ms here)
+NHWC_DGRAD_COL2IM_CG = 4
+
+
 def conv_dgrad(p: ConvProblem, w, dy):
     dyh = _phys(dy)
     if p.is_depthwise:
         return _logical(_dgrad_depthwise(p, w, dyh))
     top_h, top_w = p.dil_h * (p.R - 1) - p.pad_h, p.dil_w * (p.S - 1) - p.pad_w
     end_h, end_w = p.dil_h * (p.R - 1) - p.pad_h_end, p.dil_w * (p.S - 1) - p.pad_w_end
-    if p.stride_h == p.stride_w == 1 and min(top_h, top_w, end_h, end_w) >= 0:
+    if (p.stride_h == p.stride_w == 1 and min(top_h, top_w, end_h, end_w) >= 0
+            and p.Cg > NHWC_DGRAD_COL2IM_CG):
         # stride 1: dx is the forward convolution of dy (padded by dil*(R-1) - pad) with the
         # mirrored, channel-swapped kernel -- this file's im2col + GEMM, 2x faster than the
         # col2im below on ResNet-50's and VGG's 3x3 (its 9 strided adds cost more than the GEMM)
