@@ -132,6 +132,12 @@ extern "C" void h_maxpool_fprop(char t, cv x, mv y, mv idx, const PoolGeom* g, u
 extern "C" void h_maxpool_dgrad(char t, cv dy, cv idx, mv dx, const PoolGeom* g, unsigned G, unsigned B) {
     GC_T(t, gc_run([&] { maxpool_dgrad<T>((const T*)dy, (const ll*)idx, (T*)dx, *g); }, G, B))
 }
+extern "C" void h_maxpool_fprop_nhwc(char t, cv x, mv y, mv idx, const PoolGeom* g, unsigned G, unsigned B) {
+    GC_T(t, gc_run([&] { maxpool_fprop_nhwc<T>((const T*)x, (T*)y, (ll*)idx, *g); }, G, B))
+}
+extern "C" void h_maxpool_dgrad_nhwc(char t, cv dy, cv idx, mv dx, const PoolGeom* g, unsigned G, unsigned B) {
+    GC_T(t, gc_run([&] { maxpool_dgrad_nhwc<T>((const T*)dy, (const ll*)idx, (T*)dx, *g); }, G, B))
+}
 """,
     "activation.cu": r"""
 extern "C" void h_act_fprop(char t, cv x, mv y, ll n, int kind, double alpha, unsigned G, unsigned B) {

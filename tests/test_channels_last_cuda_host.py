@@ -248,6 +248,39 @@ def test_pool_and_activations_channels_last(eng):
         np.testing.assert_allclose(d, numpy_engine.act_dgrad(kind, x, a, g, 1.0), rtol=1e-15)
 
 
+POOLS = [((2, 3, 7, 8), (3, 2, 1, 1, True)), ((2, 5, 8, 8), (2, 2, 0, 1, False)),
+         ((1, 4, 9, 7), ((3, 2), (1, 2), (1, 0), (2, 1), False)), ((3, 2, 5, 6), (2, 3, 1, 1, True))]
+
+
+@pytest.mark.parametrize("dtype", (np.float64, np.float32))
+@pytest.mark.parametrize("xs, args", POOLS, ids=("overlap_ceil", "2x2", "dil_asym", "s3_pad"))
+def test_max_pool_nhwc_kernels(eng, xs, args, dtype):
+    """A channels_last pool runs pool.cu's NHWC kernels on the memory as it is (no NCHW launch,
+    no copy of x): the NumPy engine's y, idx (ties and a NaN included) and dx; an NCHW idx with a
+    channels_last dy is converted once."""
+    rng = np.random.default_rng(9)
+    x0 = np.round(rng.standard_normal(xs) * 2).astype(dtype)   # ties
+    x0[0, 0, 1, 1] = np.nan
+    x = cl(x0)
+    pp = PoolProblem.from_args(x.shape, *args)
+    kernel_host.launches.clear()
+    y, idx = eng.pool_fprop(pp, x)
+    y0, i0 = numpy_engine.pool_fprop(pp, x0)
+    assert _is_cl(y) and _is_cl(idx)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(idx, i0)
+    dy0 = rng.standard_normal(y0.shape).astype(dtype)
+    dx0 = numpy_engine.pool_dgrad(pp, dy0, i0)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for idx_in in (idx, np.ascontiguousarray(idx)):
+        dx = eng.pool_dgrad(pp, cl(dy0), idx_in)
+        assert _is_cl(dx) and dx.dtype == dtype
+        np.testing.assert_allclose(dx, dx0, rtol=tol, atol=tol)
+    names = " ".join(kernel_host.launches)
+    assert "maxpool_fprop_nhwc" in names and "maxpool_dgrad_nhwc" in names
+    assert "maxpool_fprop<" not in names and "maxpool_dgrad<" not in names
+
+
 def test_autotuner_calls_nhwc_candidates_in_their_layout():
     """An "nhwc"-only candidate gets physical NHWC inputs and is judged in the NCHW order: the
     correct one is accepted and timed, a wrong one rejected."""

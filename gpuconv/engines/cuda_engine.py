@@ -29,7 +29,7 @@ makes no transpose. An algorithm without "nhwc" (the second generation, igemm_*,
 direct depthwise: NCHW kernels) gets the arrays converted once to NCHW, and its result is
 converted once back to channels_last: the op's result format is the same either way, and
 that conversion is the only transpose. Activations run their flat kernels on the
-physical memory (no conversion); max pooling converts once (its kernels are NCHW).
+physical memory (no conversion); so does max pooling (pool.cu's *_nhwc kernels).
 """
 from __future__ import annotations
 
@@ -120,26 +120,37 @@ def conv_wgrad(p: ConvProblem, x, dy):
 # ---------------------------------------------------------------------------------------------
 @_on_device
 def pool_fprop(pp: PoolProblem, x):
-    """y (N, C, P, Q) and idx (N, C, P, Q) int64 = h*W + w of each window's max (see pool.cu)."""
+    """y (N, C, P, Q) and idx (N, C, P, Q) int64 = h*W + w of each window's max (see pool.cu).
+    A channels_last x runs the NHWC kernel on its memory: y and idx come back channels_last."""
     cp = _cp()
-    fmt = memory_format(x)
+    if memory_format(x) == "nhwc":
+        xh = physical_nhwc(x)   # a view of dense channels_last memory
+        N, C, P, Q = pp.y_shape
+        y = cp.empty((N, P, Q, C), dtype=x.dtype)
+        idx = cp.empty((N, P, Q, C), dtype=np.int64)
+        launch(f"maxpool_fprop_nhwc<{ctype(x.dtype)}>", y.size, (xh, y, idx, pool_geom(pp)))
+        return y.transpose(0, 3, 1, 2), idx.transpose(0, 3, 1, 2)
     x = cp.ascontiguousarray(x)
     y = cp.empty(pp.y_shape, dtype=x.dtype)
     idx = cp.empty(pp.y_shape, dtype=np.int64)
     launch(f"maxpool_fprop<{ctype(x.dtype)}>", y.size, (x, y, idx, pool_geom(pp)))
-    if fmt == "nhwc":  # NCHW kernels: channels_last converted once each way (see the docstring)
-        return to_format(y, fmt), to_format(idx, fmt)
     return y, idx
 
 
 @_on_device
 def pool_dgrad(pp: PoolProblem, dy, idx):
+    """dx in dy's memory format; an idx in the other format is converted once."""
     cp = _cp()
-    fmt = memory_format(dy)
+    if memory_format(dy) == "nhwc":
+        N, C, H, W = pp.x_shape
+        dx = cp.empty((N, H, W, C), dtype=dy.dtype)
+        launch(f"maxpool_dgrad_nhwc<{ctype(dy.dtype)}>", dx.size,
+               (physical_nhwc(dy), physical_nhwc(idx), dx, pool_geom(pp)))
+        return dx.transpose(0, 3, 1, 2)
     dy, idx = cp.ascontiguousarray(dy), cp.ascontiguousarray(idx)
     dx = cp.empty(pp.x_shape, dtype=dy.dtype)
     launch(f"maxpool_dgrad<{ctype(dy.dtype)}>", dx.size, (dy, idx, dx, pool_geom(pp)))
-    return to_format(dx, fmt) if fmt == "nhwc" else dx
+    return dx
 
 
 # ---------------------------------------------------------------------------------------------

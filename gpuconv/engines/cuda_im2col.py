@@ -81,7 +81,8 @@ KERNELS = (
      # channels_last: the NHWC column matrix and epilogue
      + _pairs("im2col_nhwc") + (f"im2col_nhwc<{_HALF}, float>",) + _pairs("gemm_to_nhwc")),
     ("conv_dgrad.cu", _pairs("dgrad_col") + _pairs("dgrad_col_nhwc")),
-    ("pool.cu", _each("maxpool_fprop") + _each("maxpool_dgrad")),
+    ("pool.cu", _each("maxpool_fprop") + _each("maxpool_dgrad") + _each("maxpool_fprop_nhwc")
+     + _each("maxpool_dgrad_nhwc")),
     ("activation.cu", _each("act_fprop") + _each("act_dgrad") + _each("maxout_fprop")
      + _each("maxout_dgrad") + (f"convert<{_BF16}, float>", f"convert<float, {_BF16}>")),
 )
