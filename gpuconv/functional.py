@@ -332,11 +332,19 @@ def _transpose_problem(x_shape, weight_shape, stride, padding, output_padding, g
                                  stride, padding, dilation, groups)
 
 
+def _zeros(xp, shape, dtype, fmt):
+    """Zeros of logical (N, C, H, W) `shape` with their memory in `fmt`."""
+    if fmt == "nhwc":
+        n, c, h, w = shape
+        return xp.zeros((n, h, w, c), dtype=dtype).transpose(0, 3, 1, 2)
+    return xp.zeros(shape, dtype=dtype)
+
+
 def _grow(xp, a, rows, cols):
-    """`a` (N, C, H, W) with zero rows and columns appended up to (rows, cols)."""
+    """`a` (N, C, H, W) with zero rows and columns appended up to (rows, cols), in a's format."""
     if a.shape[2:] == (rows, cols):
         return a
-    out = xp.zeros(a.shape[:2] + (rows, cols), dtype=a.dtype)
+    out = _zeros(xp, a.shape[:2] + (rows, cols), a.dtype, memory_format(a))
     out[:, :, :a.shape[2], :a.shape[3]] = a
     return out
 
@@ -360,6 +368,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
                            dilation)
     if bias is not None:
         check_shape("bias", bias, (p.C,))
+    weight, x = _formats(conv_format(x, weight), weight, x)   # as conv2d: PyTorch's rule
     y = _run(xp, "conv_dgrad", p, weight, _grow(xp, x, p.P, p.Q))
     if bias is not None:
         y += bias.reshape(1, -1, 1, 1)
@@ -374,9 +383,11 @@ def conv_transpose2d_grad_input(input_shape, weight, grad_output, stride=1, padd
     p = _transpose_problem(input_shape, weight.shape, stride, padding, output_padding, groups,
                            dilation)
     check_shape("grad_output", grad_output, p.x_shape)
+    fmt = conv_format(grad_output, weight)
+    grad_output, weight = _formats(fmt, grad_output, weight)
     dx = _run(xp, "conv_fprop", p, grad_output, weight, None)
     H, W = (int(s) for s in input_shape[2:])
-    return dx if dx.shape[2:] == (H, W) else xp.ascontiguousarray(dx[:, :, :H, :W])
+    return dx if dx.shape[2:] == (H, W) else to_format(dx[:, :, :H, :W], fmt)
 
 
 def conv_transpose2d_grad_weight(input, weight_shape, grad_output, stride=1, padding=0,
@@ -388,6 +399,7 @@ def conv_transpose2d_grad_weight(input, weight_shape, grad_output, stride=1, pad
     p = _transpose_problem(input.shape, weight_shape, stride, padding, output_padding, groups,
                            dilation)
     check_shape("grad_output", grad_output, p.x_shape)
+    grad_output, input = _formats(conv_format(input, grad_output), grad_output, input)
     return _run(xp, "conv_wgrad", p, grad_output, _grow(xp, input, p.P, p.Q))
 
 
@@ -431,10 +443,11 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     xp = check_arrays([("input", x)], ndim={"input": 4})
     pp = _avg_problem(x.shape, kernel_size, stride, padding, ceil_mode)
     hp, wp = _padded_size(pp)
-    xpad = xp.zeros(x.shape[:2] + (hp, wp), dtype=x.dtype)
+    fmt = memory_format(x)   # channels_last in, channels_last out (as PyTorch)
+    xpad = _zeros(xp, x.shape[:2] + (hp, wp), x.dtype, fmt)
     xpad[:, :, pp.pad_h:pp.pad_h + pp.H, pp.pad_w:pp.pad_w + pp.W] = x
     acc = np.float32 if x.dtype == np.float16 else x.dtype  # float16 sums in float32
-    y = xp.zeros(pp.y_shape, dtype=acc)
+    y = _zeros(xp, pp.y_shape, acc, fmt)
     for rows, cols in _avg_taps(pp):
         y += xpad[:, :, rows, cols]
     y /= xp.asarray(_avg_divisor(pp, count_include_pad), dtype=acc)
@@ -450,8 +463,9 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
     check_shape("grad_output", grad_output, pp.y_shape)
     hp, wp = _padded_size(pp)
     g = grad_output / xp.asarray(_avg_divisor(pp, count_include_pad), dtype=grad_output.dtype)
-    dxpad = xp.zeros(pp.x_shape[:2] + (hp, wp), dtype=grad_output.dtype)
+    fmt = memory_format(grad_output)
+    dxpad = _zeros(xp, pp.x_shape[:2] + (hp, wp), grad_output.dtype, fmt)
     for rows, cols in _avg_taps(pp):
         dxpad[:, :, rows, cols] += g
-    return xp.ascontiguousarray(dxpad[:, :, pp.pad_h:pp.pad_h + pp.H, pp.pad_w:pp.pad_w + pp.W])
+    return to_format(dxpad[:, :, pp.pad_h:pp.pad_h + pp.H, pp.pad_w:pp.pad_w + pp.W], fmt)
 

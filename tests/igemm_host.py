@@ -469,7 +469,8 @@ def compile_source(label, text, names, workdir=WORKDIR):
     key = hashlib.sha256((src + " ".join(CXXFLAGS)).encode()).hexdigest()[:16]
     so = os.path.join(workdir, f"{label}-{key}.so")
     if not os.path.exists(so):  # cached by content: a later session reuses it
-        cpp = so[:-3] + ".cpp"
+        os.makedirs(workdir, exist_ok=True)
+        cpp = f"{so[:-3]}.{os.getpid()}.cpp"   # per process: two sessions may build at once
         with open(cpp, "w", encoding="utf-8") as f:
             f.write(src)
         tmp = f"{so}.{os.getpid()}.tmp"

@@ -271,3 +271,54 @@ def test_nhwc_dgrad_both_paths(case, limit, monkeypatch):
     dx = gc.conv2d_grad_input(xs, w, cl(dy), **kw)
     assert_dense(dx, memory_format(cl(dy)))
     np.testing.assert_allclose(dx, gc.conv2d_grad_input(xs, w, dy, **kw), rtol=1e-11, atol=1e-11)
+
+
+def _torch_fmt(t, torch):
+    return "nhwc" if t.is_contiguous(memory_format=torch.channels_last) and \
+        not t.is_contiguous() else "nchw"
+
+
+@pytest.mark.parametrize("kw", (dict(stride=2, padding=1, output_padding=1, groups=2),
+                                dict(stride=1, padding=0, dilation=3, output_padding=1)),
+                         ids=("s2_groups", "dil3_outpad"))
+def test_conv_transpose_channels_last_matches_torch(kw):
+    """conv_transpose2d and its two gradients: the format and values of torch's, for a
+    channels_last input, weight or both (the dilated case grows its input by output_padding)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x, w, b = rng.standard_normal((2, 4, 5, 6)), rng.standard_normal((4, 3, 3, 2)), \
+        rng.standard_normal(3 * kw.get("groups", 1))
+    for xf, wf in ((True, False), (False, True), (True, True)):
+        xa, wa = (cl(x) if xf else x), (cl(w) if wf else w)
+        xt = torch.from_numpy(xa).requires_grad_()
+        wt = torch.from_numpy(wa).requires_grad_()
+        yt = F.conv_transpose2d(xt, wt, torch.from_numpy(b), **kw)
+        y = gc.conv_transpose2d(xa, wa, b, **kw)
+        assert memory_format(y) == _torch_fmt(yt, torch) == "nhwc"
+        np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+        dy = cl(rng.standard_normal(y.shape))
+        gi, gw = torch.autograd.grad(yt, (xt, wt), torch.from_numpy(dy))
+        dx = gc.conv_transpose2d_grad_input(x.shape, wa, dy, **kw)
+        dw = gc.conv_transpose2d_grad_weight(xa, w.shape, dy, **kw)
+        assert_dense(dx, _torch_fmt(gi, torch))
+        assert_dense(dw, _torch_fmt(gw, torch))
+        np.testing.assert_allclose(dx, gi.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dw, gw.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("args", ((3, 2, 1, False, True), (2, 2, 0, True, False),
+                                  ((3, 2), (2, 1), (1, 0), True, False)))
+def test_avg_pool_channels_last_matches_torch(args):
+    torch = pytest.importorskip("torch")
+    x = cl(rng.standard_normal((2, 3, 7, 8)))
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = torch.nn.functional.avg_pool2d(xt, *args)
+    y = gc.avg_pool2d(x, *args)
+    assert_dense(y, "nhwc")
+    assert _torch_fmt(yt, torch) == "nhwc"
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+    dy = cl(rng.standard_normal(y.shape))
+    (gt,) = torch.autograd.grad(yt, (xt,), torch.from_numpy(dy))
+    dx = gc.avg_pool2d_backward(dy, x.shape, *args)
+    assert_dense(dx, "nhwc")
+    np.testing.assert_allclose(dx, gt.numpy(), rtol=1e-12, atol=1e-12)
