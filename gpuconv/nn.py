@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 import contextlib
+import inspect
 import math
 import numbers
 import threading
@@ -572,7 +573,10 @@ class Conv2d(Module):
         self._format = memory_format(y)
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, needs_input_grad=True):
+        """Adds dL/dweight, dL/dbias into the parameters' grad and returns dL/dx -- or None
+        with ``needs_input_grad=False`` (a first layer: the input gradient is not computed, as
+        PyTorch skips it for an input that does not require grad)."""
         x = self._saved()
         w = self.weight
         # as autograd's convolution_backward: the gradients take the forward's memory format
@@ -580,6 +584,8 @@ class Conv2d(Module):
         grad_output = _in_format(grad_output, getattr(self, "_format", "nchw"))
         _add_grad(w, lambda: F.conv2d_grad_weight(x, w.shape, grad_output, **self._args()))
         _add_grad(self.bias, lambda: F.conv2d_grad_bias(grad_output))
+        if not needs_input_grad:
+            return None
         return F.conv2d_grad_input(x.shape, w.data, grad_output, **self._args())
 
 
@@ -615,14 +621,15 @@ class Linear(Module):
         self._keep(x)
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, needs_input_grad=True):
+        """Adds the parameter gradients; returns dL/dx, or None with needs_input_grad=False."""
         x = self._saved()
         if grad_output.shape != (x.shape[0], self.out_features):
             raise ValueError(f"grad_output must have shape {(x.shape[0], self.out_features)}, "
                              f"got {grad_output.shape}")
         _add_grad(self.weight, lambda: grad_output.T @ x)
         _add_grad(self.bias, lambda: grad_output.sum(axis=0))
-        return grad_output @ self.weight.data
+        return grad_output @ self.weight.data if needs_input_grad else None
 
 
     def _flops(self, x_shape):
@@ -847,11 +854,49 @@ class Sequential(_ModuleSequence, Module):
             x = layer(x)
         return x
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, needs_input_grad=True):
+        """Backward through the layers in reverse; returns dL/dx.
+
+        ``needs_input_grad=False`` (what a training loop wants: nobody needs dL/d(images))
+        returns None and computes no more than the parameters need, as autograd does for an
+        input that does not require grad: the first layer with trainable parameters gets
+        ``needs_input_grad=False`` (Conv2d, Linear, ConvTranspose2d then skip their input
+        gradient; another layer computes and drops it), and the parameter-free layers before
+        it run no backward at all (their kept forward is used up, so the same safety errors
+        hold: a second backward after one forward still raises)."""
+        layers = list(self)
+        start = 0 if needs_input_grad else next(
+            (i for i, m in enumerate(layers) if _has_trainable(m)), len(layers))
         with _forget_on_error(self):
-            for layer in reversed(list(self)):
-                grad_output = layer.backward(grad_output)
-        return grad_output
+            for i in range(len(layers) - 1, start - 1, -1):
+                if i == start and not needs_input_grad:
+                    _backward_params_only(layers[i], grad_output)
+                else:
+                    grad_output = layers[i].backward(grad_output)
+            for layer in layers[:start]:
+                _use_up_forward(layer)
+        return grad_output if needs_input_grad else None
+
+
+def _has_trainable(module):
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _backward_params_only(module, grad_output):
+    """module.backward for its parameters' gradients only (its input gradient unused)."""
+    if "needs_input_grad" in inspect.signature(module.backward).parameters:
+        module.backward(grad_output, needs_input_grad=False)
+    else:
+        module.backward(grad_output)
+
+
+def _use_up_forward(module):
+    """What a skipped backward would have done to the safety state: every sub-module that kept
+    a forward (or already used its last one) goes through _saved(), which raises on a stale
+    forward or a second backward and otherwise marks the forward used."""
+    for m in module.modules():
+        if m._forwards or m._used:
+            m._saved()
 
 
 class CrossEntropyLoss(Module):
@@ -947,12 +992,15 @@ class ConvTranspose2d(Module):
         self._keep(x)
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, needs_input_grad=True):
+        """Adds the parameter gradients; returns dL/dx, or None with needs_input_grad=False."""
         x = self._saved()
         w = self.weight
         _add_grad(w, lambda: F.conv_transpose2d_grad_weight(x, w.shape, grad_output,
                                                             **self.args))
         _add_grad(self.bias, lambda: F.conv2d_grad_bias(grad_output))
+        if not needs_input_grad:
+            return None
         return F.conv_transpose2d_grad_input(x.shape, w.data, grad_output, **self.args)
 
     def _flops(self, x_shape):

@@ -222,7 +222,7 @@ def train(split, epochs=30, batch_size=32, lr=None, momentum=0.9, weight_decay=1
             logits = net(x)
             loss = loss_fn(logits, y)
             opt.zero_grad()
-            net.backward(loss_fn.backward())
+            net.backward(loss_fn.backward(), needs_input_grad=False)  # no d(images)
             opt.step()
             loss_sum += float(loss) * len(idx)
             correct += int((logits.argmax(axis=1) == y).sum())

@@ -200,3 +200,65 @@ def test_summary_shapes_params_and_flops():
     np.testing.assert_array_equal(net[1].running_mean, stats[0])
     assert net[1].num_batches_tracked == stats[1]
     net.backward(np.ones((3, 5), np.float32))  # the pending forward survived
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = gc.functional.conv2d_grad_input
+
+    def spy(*a, **kw):
+        calls.append(a[0])
+        return real(*a, **kw)
+    monkeypatch.setattr(gc.functional, "conv2d_grad_input", spy)
+    return calls
+
+
+@pytest.mark.parametrize("lead", (False, True), ids=("conv_first", "parameter_free_first"))
+def test_backward_without_input_grad(lead, monkeypatch):
+    """Sequential.backward(g, needs_input_grad=False): the same parameter gradients, None back,
+    the first conv's input gradient never computed (as autograd for images that do not require
+    grad), parameter-free leading layers skipped -- and the safety errors still hold."""
+    def net():
+        body = small_net(seed=4)
+        return nn.Sequential(nn.ReLU(), *body) if lead else body
+    ref = net()
+    ref(X)
+    dx = ref.backward(G)
+    assert dx.shape == X.shape
+    calls = _counting(monkeypatch)
+    m = net()
+    m(X)
+    assert m.backward(G, needs_input_grad=False) is None
+    for a, b in zip(grads(m), grads(ref)):
+        np.testing.assert_array_equal(a, b)
+    assert X.shape not in calls and len(calls) == sum(isinstance(l, nn.Conv2d) for l in m) - 1
+    with pytest.raises(RuntimeError, match="twice"):
+        m.backward(G, needs_input_grad=False)
+    m(X)
+    m(X2)
+    with pytest.raises(RuntimeError, match="forward ran 2 times"):
+        m.backward(G, needs_input_grad=False)
+    m.zero_grad()
+    m(X)
+    m.backward(G, needs_input_grad=False)
+    for a, b in zip(grads(m), grads(ref)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_layers_skip_their_input_gradient():
+    rng = np.random.default_rng(6)
+    f8 = np.float64
+    for layer, x in ((nn.Conv2d(2, 3, 3, padding=1, dtype=f8, rng=0), X),
+                     (nn.Linear(4, 3, dtype=f8, rng=0), rng.standard_normal((2, 4))),
+                     (nn.ConvTranspose2d(2, 3, 3, stride=2, dtype=f8, rng=0), X)):
+        y = layer(x)
+        g = rng.standard_normal(y.shape)
+        layer.backward(g)
+        want = [p.grad.copy() for p in layer.parameters()]
+        layer.zero_grad()
+        layer(x)
+        assert layer.backward(g, needs_input_grad=False) is None
+        for a, b in zip([p.grad for p in layer.parameters()], want):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(RuntimeError, match="twice"):
+            layer.backward(g, needs_input_grad=False)

@@ -23,6 +23,7 @@ the timed step; shares are of the profiled total.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -109,7 +110,8 @@ class GpuconvSide:
         x, y = self.batches[i]
         self.opt.zero_grad()
         loss = self.loss_fn(self.model(x), y)
-        self.model.backward(self.loss_fn.backward())
+        # as PyTorch, which computes no gradient for the images (they do not require grad)
+        self.model.backward(self.loss_fn.backward(), needs_input_grad=False)
         self.opt.step()
         return float(loss)
 
@@ -122,9 +124,10 @@ class GpuconvSide:
         t = {}
 
         def wrap(key, fn):
-            def f(*a):
+            @functools.wraps(fn)   # keeps fn's signature (Sequential looks for needs_input_grad)
+            def f(*a, **kw):
                 t0 = time.perf_counter()
-                out = fn(*a)
+                out = fn(*a, **kw)
                 _add(t, key, time.perf_counter() - t0)
                 return out
             return f
@@ -144,7 +147,7 @@ class GpuconvSide:
                 self.loss_fn(logits, y)
                 g = self.loss_fn.backward()
                 c.append(time.perf_counter())
-                self.model.backward(g)
+                self.model.backward(g, needs_input_grad=False)
                 c.append(time.perf_counter())
                 self.opt.step()
                 c.append(time.perf_counter())
