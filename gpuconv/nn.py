@@ -1126,6 +1126,7 @@ class Dropout(Module):
         keep = self.rng.random(x.shape) >= self.p
         scale = 0.0 if self.p == 1 else 1.0 / (1.0 - self.p)
         mask = to_device((keep * scale).astype(x.dtype), device_of(x))
+        mask = _in_format(mask, memory_format(x))   # the same values, laid out as x (PyTorch)
         self._keep(mask)
         return x * mask
 
@@ -1193,16 +1194,30 @@ class AdaptiveAvgPool2d(Module):
         return (to_device(self._bins(H, P, dtype), device),
                 to_device(self._bins(W, Q, dtype), device))
 
+    @staticmethod
+    def _pool(ah, aw, x, fmt):
+        """ah @ x @ aw.T over the (H, W) planes, the result in memory format `fmt`: for "nhwc"
+        two matmuls on x's (N, H, W*C) / (N*P, W, C) memory (a view when x is channels_last)."""
+        if fmt != "nhwc":
+            return ah @ x @ aw.T
+        N, C, H, W = x.shape
+        P, Q = ah.shape[0], aw.shape[0]
+        t = ah @ x.transpose(0, 2, 3, 1).reshape(N, H, W * C)        # (N, P, W*C)
+        y = aw @ t.reshape(N * P, W, C)                               # (N*P, Q, C)
+        return y.reshape(N, P, Q, C).transpose(0, 3, 1, 2)
+
     def forward(self, x):
         check_arrays([("input", x)], ndim={"input": 4})
         ah, aw = self._matrices(x.shape, x.dtype, device_of(x))
-        self._keep((x.shape, ah, aw))
-        return ah @ x @ aw.T
+        fmt = memory_format(x)
+        self._keep((x.shape, ah, aw, fmt))
+        return self._pool(ah, aw, x, fmt)
 
     def backward(self, grad_output):
-        x_shape, ah, aw = self._saved()
+        # dx in the forward input's format, as torch (an (N, C, 1, 1) grad names none)
+        x_shape, ah, aw, fmt = self._saved()
         check_shape("grad_output", grad_output, x_shape[:2] + (ah.shape[0], aw.shape[0]))
-        return ah.T @ grad_output @ aw
+        return self._pool(ah.T, aw.T, grad_output, fmt)
 
     def extra_repr(self):
         return f"output_size={self.output_size}"

@@ -322,3 +322,26 @@ def test_avg_pool_channels_last_matches_torch(args):
     dx = gc.avg_pool2d_backward(dy, x.shape, *args)
     assert_dense(dx, "nhwc")
     np.testing.assert_allclose(dx, gt.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("out", ((2, 3), 1, (None, 2)))
+def test_adaptive_avg_pool_and_dropout_keep_channels_last(out):
+    """AdaptiveAvgPool2d and Dropout give channels_last for channels_last (as torch), with the
+    NCHW values (Dropout: the same mask from the same seed)."""
+    x0 = rng.standard_normal((3, 5, 7, 6))
+    x = cl(x0)
+    pool, pool0 = gc.nn.AdaptiveAvgPool2d(out), gc.nn.AdaptiveAvgPool2d(out)
+    y, y0 = pool(x), pool0(x0)
+    assert_dense(y, "nhwc")
+    np.testing.assert_allclose(y, y0, rtol=1e-13, atol=1e-13)
+    g0 = rng.standard_normal(y0.shape)
+    dx, dx0 = pool.backward(cl(g0)), pool0.backward(g0)
+    assert_dense(dx, "nhwc")
+    np.testing.assert_allclose(dx, dx0, rtol=1e-13, atol=1e-13)
+    drop, drop0 = gc.nn.Dropout(0.4, rng=3), gc.nn.Dropout(0.4, rng=3)
+    z, z0 = drop(x), drop0(x0)
+    assert_dense(z, "nhwc")
+    np.testing.assert_array_equal(z, z0)
+    dz = drop.backward(cl(x0))
+    assert_dense(dz, "nhwc")
+    np.testing.assert_array_equal(dz, drop0.backward(x0))
