@@ -52,17 +52,29 @@ igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ 
     const int rs = nv / a.Cg, c = nv - rs * a.Cg, r = rs / a.S, s = rs - r * a.S;
     const int rdh = r * a.dil_h - a.pad_h, sdw = s * a.dil_w - a.pad_w;
     const long long b_col = ((long long)rdh * a.W + sdw) * a.C + (long long)g * a.Cg + c;
-    // per row: k = (img, p, q), advanced by BK per k-iteration
-    int k_[RPT], img_[RPT], p_[RPT], q_[RPT];
+    // per row: k = (img, p, q) kept as hs = p*sh, ws_ = q*sw and the 64-bit offsets of the
+    // row in dy (k*K) and x (((img*H + p*sh)*W + q*sw)*C), advanced by BK per k-iteration in
+    // the mixed radix (bk_n, bk_p, bk_q): adds, compares and selects only
+    const int QS = a.Q * a.stride_w, PS = a.P * a.stride_h;
+    const int dqs = a.bk_q * a.stride_w, dps = a.bk_p * a.stride_h;
+    const long long WC = (long long)a.W * a.C;
+    const long long x_step = ((long long)a.bk_n * a.H * a.W + (long long)dps * a.W + dqs) * a.C;
+    const long long x_cq = (long long)a.stride_h * WC - (long long)QS * a.C;   // q wrapped
+    const long long x_cp = (long long)a.H * WC - (long long)PS * WC;           // p wrapped
+    const long long a_step = (long long)BK * a.K;
+    int k_[RPT], hs_[RPT], ws_[RPT];
+    long long ao_[RPT], xo_[RPT];
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
         const int k = it0 * BK + row0 + i * RSTEP;
         const int kk = k < a.gemm_k ? k : 0;
         const int pq = a.P * a.Q;
-        img_[i] = kk / pq;
-        p_[i] = (kk - img_[i] * pq) / a.Q;
-        q_[i] = kk - img_[i] * pq - p_[i] * a.Q;
+        const int img = kk / pq, p = (kk - img * pq) / a.Q, q = kk - img * pq - p * a.Q;
         k_[i] = k;
+        hs_[i] = p * a.stride_h;
+        ws_[i] = q * a.stride_w;
+        ao_[i] = (long long)k * a.K + a_col;
+        xo_[i] = (((long long)img * a.H + hs_[i]) * a.W + ws_[i]) * a.C + b_col;
     }
     unsigned a_dst[RPT], b_dst[RPT];
 #pragma unroll
@@ -77,26 +89,25 @@ igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ 
         for (int i = 0; i < RPT; ++i) {
             const unsigned rok = k_[i] < a.gemm_k ? 1u : 0u;
             const unsigned va = rok & acol_ok;
-            const long long aoff = va ? (long long)k_[i] * a.K + a_col : 0;
-            ig3_cp_async16(st + a_dst[i], dy + aoff, va);
-            const int h = p_[i] * a.stride_h + rdh, wx = q_[i] * a.stride_w + sdw;
-            const unsigned vb = rok & bcol_ok & ((unsigned)h < (unsigned)a.H ? 1u : 0u) &
-                                ((unsigned)wx < (unsigned)a.W ? 1u : 0u);
-            const long long boff =
-                vb ? (((long long)img_[i] * a.H + p_[i] * a.stride_h) * a.W +
-                      (long long)q_[i] * a.stride_w) * a.C + b_col
-                   : 0;
-            ig3_cp_async16(st + b_dst[i], x + boff, vb);
-            // advance k by BK: (img, p, q) += (bk_n, bk_p, bk_q) with carries
+            ig3_cp_async16(st + a_dst[i], dy + (va ? ao_[i] : 0), va);
+            const unsigned vb = rok & bcol_ok &
+                                ((unsigned)(hs_[i] + rdh) < (unsigned)a.H ? 1u : 0u) &
+                                ((unsigned)(ws_[i] + sdw) < (unsigned)a.W ? 1u : 0u);
+            ig3_cp_async16(st + b_dst[i], x + (vb ? xo_[i] : 0), vb);
+            // advance k by BK
             k_[i] += BK;
-            int q = q_[i] + a.bk_q, cq = q >= a.Q ? 1 : 0;
-            q_[i] = q - cq * a.Q;
+            ao_[i] += a_step;
+            int q = ws_[i] + dqs;
+            const bool cq = q >= QS;
+            ws_[i] = cq ? q - QS : q;
 #ifdef IG3W_MUTATE_CARRY
-            cq = 0;
+            const int hp = hs_[i] + dps;
+#else
+            const int hp = hs_[i] + dps + (cq ? a.stride_h : 0);
 #endif
-            int p = p_[i] + a.bk_p + cq, cp = p >= a.P ? 1 : 0;
-            p_[i] = p - cp * a.P;
-            img_[i] += a.bk_n + cp;
+            const bool cp = hp >= PS;
+            hs_[i] = cp ? hp - PS : hp;
+            xo_[i] += x_step + (cq ? x_cq : 0) + (cp ? x_cp : 0);
         }
     };
 
