@@ -29,7 +29,7 @@
 #include "igemm3_grad.cuh"
 
 template <typename T, int MODE, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
-__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 1)
+__global__ void IG3G_MAXNREG(240)
 igemm3_dgrad(const T* __restrict__ w, const T* __restrict__ dy, T* __restrict__ dx,
              float* __restrict__ ws, const Igemm3GradArgs a) {
     typedef Ig3GradCfg<T, MODE, BM, BN, BK, WARPS_M, WARPS_N, STAGES> Cfg;
@@ -70,10 +70,13 @@ igemm3_dgrad(const T* __restrict__ w, const T* __restrict__ dy, T* __restrict__ 
     const unsigned bcol_ok = n0 + bchunk * KV < a.Cg ? 1u : 0u;
     const int b_base = g * a.Kg * RSCg + n0 + bchunk * KV;
     const unsigned a_dst = (unsigned)ig3_swz_store<KCH>(arow0, achunk) * 16u;
-    unsigned b_dst[B_RPT];   // (the swizzle of rows brow0 + i*B_RSTEP differs when B_RSTEP < 8)
-#pragma unroll
-    for (int i = 0; i < B_RPT; ++i)
-        b_dst[i] = (unsigned)A_CHUNKS * 16u + ig3_kn_store<BK>(brow0 + i * B_RSTEP, bchunk);
+    // row i's chunk: a constant step from row 0's where B_RSTEP % 8 == 0 (same XOR term),
+    // else its own swizzle (tf32 128x128: 4 rows apart)
+    const unsigned b_dst0 = (unsigned)A_CHUNKS * 16u + ig3_kn_store<BK>(brow0, bchunk);
+    auto b_dst = [&](int i) -> unsigned {
+        if constexpr (B_RSTEP % 8 == 0) return b_dst0 + (unsigned)(i * B_RSTEP * 8 * 16);
+        else return (unsigned)A_CHUNKS * 16u + ig3_kn_store<BK>(brow0 + i * B_RSTEP, bchunk);
+    };
 
     Ig3KIter ld;   // (tap a = ld.r, tap b = ld.s, kc block ld.c0) of the phase
     ld.init(it0, a.Kg, a.ph_ns > 0 ? a.ph_ns : 1, BK, a.Q, a.K, -a.ph_dp, -a.ph_dq);   // ns 0: no iterations
@@ -98,7 +101,7 @@ igemm3_dgrad(const T* __restrict__ w, const T* __restrict__ dy, T* __restrict__ 
             const int kc = ld.c0 + brow0 + i * B_RSTEP;
             const unsigned v = bcol_ok & (kc < a.Kg ? 1u : 0u);
             const int off = v ? kb + (brow0 + i * B_RSTEP) * RSCg : 0;
-            ig3_cp_async16(st + b_dst[i], w + off, v);
+            ig3_cp_async16(st + b_dst(i), w + off, v);
         }
         ld.next();
     };

@@ -14,6 +14,16 @@
 
 #include "igemm3_common.cuh"
 
+// Register budget of the grad kernels: at most 240 per thread (the compile tests' limit; the
+// 128x128 f16 tiles land at 242-244 under __launch_bounds__(128, 1) alone), with no spill
+// (tests/test_igemm3_compile.py, tests/test_nvrtc_compile.py check). The host shim (g++) has
+// no such attribute.
+#if defined(__CUDACC__)
+#define IG3G_MAXNREG(n) __maxnreg__(n)
+#else
+#define IG3G_MAXNREG(n)
+#endif
+
 // int32 scalars only (numpy mirror IGEMM3_GRAD_ARGS_DTYPE in gpuconv/engines/cuda_igemm3.py).
 struct Igemm3GradArgs {
     int N, C, H, W, K, R, S, P, Q;

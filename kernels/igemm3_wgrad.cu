@@ -24,7 +24,7 @@
 #include "igemm3_grad.cuh"
 
 template <typename T, int MODE, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
-__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 1)
+__global__ void IG3G_MAXNREG(240)
 igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dw,
              float* __restrict__ ws, const Igemm3GradArgs a) {
     typedef Ig3GradCfg<T, MODE, BM, BN, BK, WARPS_M, WARPS_N, STAGES> Cfg;
@@ -76,12 +76,13 @@ igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ 
         ao_[i] = (long long)k * a.K + a_col;
         xo_[i] = (((long long)img * a.H + hs_[i]) * a.W + ws_[i]) * a.C + b_col;
     }
-    unsigned a_dst[RPT], b_dst[RPT];
-#pragma unroll
-    for (int i = 0; i < RPT; ++i) {
-        a_dst[i] = ig3_kn_store<BK>(row0 + i * RSTEP, col);
-        b_dst[i] = (unsigned)A_CHUNKS * 16u + ig3_kn_store<BK>(row0 + i * RSTEP, col);
-    }
+    // row i's chunk (B: the same place in the B tile): a constant step from row 0's where
+    // RSTEP % 8 == 0 (same XOR term), else its own swizzle
+    const unsigned a_dst0 = ig3_kn_store<BK>(row0, col);
+    auto a_dst = [&](int i) -> unsigned {
+        if constexpr (RSTEP % 8 == 0) return a_dst0 + (unsigned)(i * RSTEP * 8 * 16);
+        else return ig3_kn_store<BK>(row0 + i * RSTEP, col);
+    };
 
     auto issue = [&](int stage) {
         const unsigned st = sbase + (unsigned)(stage * STAGE_CHUNKS) * 16u;
@@ -89,11 +90,11 @@ igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ 
         for (int i = 0; i < RPT; ++i) {
             const unsigned rok = k_[i] < a.gemm_k ? 1u : 0u;
             const unsigned va = rok & acol_ok;
-            ig3_cp_async16(st + a_dst[i], dy + (va ? ao_[i] : 0), va);
+            ig3_cp_async16(st + a_dst(i), dy + (va ? ao_[i] : 0), va);
             const unsigned vb = rok & bcol_ok &
                                 ((unsigned)(hs_[i] + rdh) < (unsigned)a.H ? 1u : 0u) &
                                 ((unsigned)(ws_[i] + sdw) < (unsigned)a.W ? 1u : 0u);
-            ig3_cp_async16(st + b_dst[i], x + (vb ? xo_[i] : 0), vb);
+            ig3_cp_async16(st + (unsigned)A_CHUNKS * 16u + a_dst(i), x + (vb ? xo_[i] : 0), vb);
             // advance k by BK
             k_[i] += BK;
             ao_[i] += a_step;

@@ -92,7 +92,8 @@ CASES = [  # (id, x shape, w shape, kwargs): tiny, every geometry feature
     ("s2_1x1_notaps", (1, 24, 5, 7), (8, 24, 1, 1), dict(stride=2)),   # phases without taps
     ("s3_dil2_k40", (1, 8, 8, 7), (40, 8, 3, 3), dict(stride=3, padding=2, dilation=2)),
 ]
-DTYPES = [("float16", "128x128"), ("bfloat16", "128x64"), ("float32+tf32", "128x64")]
+DTYPES = [("float16", "128x128"), ("bfloat16", "128x64"), ("float32+tf32", "128x64"),
+          ("float32+tf32", "128x128")]   # tf32 128x128: 8 warps
 WDTYPES = [("float16", "128x128"), ("bfloat16", "64x64"), ("float32+tf32", "64x64"),
            ("float32+tf32", "128x128")]
 

@@ -71,11 +71,17 @@ IGEMM3_CONFIGS = {
 }
 #: dgrad: fprop's tiles (A = dy rows as fprop's x, B = w read [k][c]); wgrad: BM == BN (a
 #: thread's dy and x chunks share their N*P*Q rows).
-IGEMM3_DGRAD_CONFIGS = IGEMM3_CONFIGS
+#: TF32 128x128 on 8 warps (64x32 warp tiles): its fragments come by 32-bit LDS with their
+#: addresses in registers, and 4 warps of 64x64 need more than the 240-register budget.
+IGEMM3_DGRAD_CONFIGS = {
+    ("ig_f16", MODE_F16): (Tile3(128, 128, 32, 2, 2, 3), Tile3(128, 64, 32, 2, 2, 4)),
+    ("ig_bf16", MODE_F16): (Tile3(128, 128, 32, 2, 2, 3), Tile3(128, 64, 32, 2, 2, 4)),
+    ("float", MODE_TF32): (Tile3(128, 128, 16, 2, 4, 3), Tile3(128, 64, 16, 2, 2, 4)),
+}
 IGEMM3_WGRAD_CONFIGS = {
     ("ig_f16", MODE_F16): (Tile3(128, 128, 32, 2, 2, 3), Tile3(64, 64, 32, 2, 2, 4)),
     ("ig_bf16", MODE_F16): (Tile3(128, 128, 32, 2, 2, 3), Tile3(64, 64, 32, 2, 2, 4)),
-    ("float", MODE_TF32): (Tile3(128, 128, 16, 2, 2, 3), Tile3(64, 64, 16, 2, 2, 4)),
+    ("float", MODE_TF32): (Tile3(128, 128, 16, 2, 4, 3), Tile3(64, 64, 16, 2, 2, 4)),
 }
 CONFIGS = {"fprop": IGEMM3_CONFIGS, "dgrad": IGEMM3_DGRAD_CONFIGS, "wgrad": IGEMM3_WGRAD_CONFIGS}
 ITEMSIZE = {"float": 4, "ig_f16": 2, "ig_bf16": 2}
