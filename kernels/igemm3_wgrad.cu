@@ -52,9 +52,10 @@ igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ 
     const int rs = nv / a.Cg, c = nv - rs * a.Cg, r = rs / a.S, s = rs - r * a.S;
     const int rdh = r * a.dil_h - a.pad_h, sdw = s * a.dil_w - a.pad_w;
     const long long b_col = ((long long)rdh * a.W + sdw) * a.C + (long long)g * a.Cg + c;
-    // per row: k = (img, p, q) kept as hs = p*sh, ws_ = q*sw and the 64-bit offsets of the
-    // row in dy (k*K) and x (((img*H + p*sh)*W + q*sw)*C), advanced by BK per k-iteration in
-    // the mixed radix (bk_n, bk_p, bk_q): adds, compares and selects only
+    // per row: k = (img, p, q) kept as hs = p*sh, ws_ = q*sw and the row's chunk pointers in
+    // dy (k*K) and x (((img*H + p*sh)*W + q*sw)*C, which may point outside x where the tap is
+    // in the padding: never dereferenced there), advanced by BK per k-iteration in the mixed
+    // radix (bk_n, bk_p, bk_q): adds, compares and predicated adds only
     const int QS = a.Q * a.stride_w, PS = a.P * a.stride_h;
     const int dqs = a.bk_q * a.stride_w, dps = a.bk_p * a.stride_h;
     const long long WC = (long long)a.W * a.C;
@@ -63,7 +64,8 @@ igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ 
     const long long x_cp = (long long)a.H * WC - (long long)PS * WC;           // p wrapped
     const long long a_step = (long long)BK * a.K;
     int k_[RPT], hs_[RPT], ws_[RPT];
-    long long ao_[RPT], xo_[RPT];
+    const T* ap_[RPT];   // this row's chunk in dy and in x (pointers: no address math per copy)
+    const T* xp_[RPT];
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
         const int k = it0 * BK + row0 + i * RSTEP;
@@ -73,8 +75,8 @@ igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ 
         k_[i] = k;
         hs_[i] = p * a.stride_h;
         ws_[i] = q * a.stride_w;
-        ao_[i] = (long long)k * a.K + a_col;
-        xo_[i] = (((long long)img * a.H + hs_[i]) * a.W + ws_[i]) * a.C + b_col;
+        ap_[i] = dy + ((long long)k * a.K + a_col);
+        xp_[i] = x + ((((long long)img * a.H + hs_[i]) * a.W + ws_[i]) * a.C + b_col);
     }
     // row i's chunk (B: the same place in the B tile): a constant step from row 0's where
     // RSTEP % 8 == 0 (same XOR term), else its own swizzle
@@ -90,25 +92,26 @@ igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ 
         for (int i = 0; i < RPT; ++i) {
             const unsigned rok = k_[i] < a.gemm_k ? 1u : 0u;
             const unsigned va = rok & acol_ok;
-            ig3_cp_async16(st + a_dst(i), dy + (va ? ao_[i] : 0), va);
+            ig3_cp_async16(st + a_dst(i), va ? ap_[i] : dy, va);
             const unsigned vb = rok & bcol_ok &
                                 ((unsigned)(hs_[i] + rdh) < (unsigned)a.H ? 1u : 0u) &
                                 ((unsigned)(ws_[i] + sdw) < (unsigned)a.W ? 1u : 0u);
-            ig3_cp_async16(st + (unsigned)A_CHUNKS * 16u + a_dst(i), x + (vb ? xo_[i] : 0), vb);
+            ig3_cp_async16(st + (unsigned)A_CHUNKS * 16u + a_dst(i), vb ? xp_[i] : x, vb);
             // advance k by BK
             k_[i] += BK;
-            ao_[i] += a_step;
-            int q = ws_[i] + dqs;
-            const bool cq = q >= QS;
-            ws_[i] = cq ? q - QS : q;
-#ifdef IG3W_MUTATE_CARRY
-            const int hp = hs_[i] + dps;
-#else
-            const int hp = hs_[i] + dps + (cq ? a.stride_h : 0);
+            ap_[i] += a_step;
+            // carries as predicated adds (no selects)
+            int q = ws_[i] + dqs, hp = hs_[i] + dps;
+            const T* xo = xp_[i] + x_step;
+            if (q >= QS) {
+                q -= QS;
+                xo += x_cq;
+#ifndef IG3W_MUTATE_CARRY
+                hp += a.stride_h;
 #endif
-            const bool cp = hp >= PS;
-            hs_[i] = cp ? hp - PS : hp;
-            xo_[i] += x_step + (cq ? x_cq : 0) + (cp ? x_cp : 0);
+            }
+            if (hp >= PS) { hp -= PS; xo += x_cp; }
+            ws_[i] = q; hs_[i] = hp; xp_[i] = xo;
         }
     };
 
