@@ -476,8 +476,9 @@ def iteration_paths(cfg, loop):
 # ---------------------------------------------------------------------------------------------
 def igemm_slab_math(kernel):
     """Math instructions per warp per k-slab that an igemm_<op><T, MODE, BM, BN, BK, WARPS_M,
-    WARPS_N> kernel must issue (kernels/igemm_common.cuh), or None for other kernels."""
-    m = re.match(r"_Z\d+igemm_(fprop|dgrad|wgrad)I(\w+?)Li(\d)ELi(\d+)ELi(\d+)ELi(\d+)E"
+    WARPS_N> kernel must issue (kernels/igemm_common.cuh) -- or an igemm3_<op><..., STAGES>
+    one (kernels/igemm3_*.cu, tensor cores only) -- or None for other kernels."""
+    m = re.match(r"_Z\d+igemm3?_(fprop|dgrad|wgrad)I(\w+?)Li(\d)ELi(\d+)ELi(\d+)ELi(\d+)E"
                  r"Li(\d+)ELi(\d+)E", kernel)
     if not m:
         return None

@@ -52,3 +52,16 @@ def test_compiles_without_spills(builds, file, arch, record_property):
     assert rc == 0, f"nvcc failed for {file} ({arch}):\n{log}"
     want = len(dict(ig3.IGEMM3_KERNELS).get(file, SELFTEST))
     assert_no_spills(log, arch, want, record_property)
+
+
+def test_grad_kernels_are_catalogued_with_their_struct():
+    """dgrad and wgrad are in the ONE list (every tile of every dtype), and their translation
+    units pin Igemm3GradArgs to the host's numpy layout (a static_assert per field)."""
+    lists = dict(ig3.IGEMM3_KERNELS)
+    for op in ("dgrad", "wgrad"):
+        names = lists[f"igemm3_{op}.cu"]
+        want = {ig3.kernel_name(op, ct, mode, t) for (ct, mode), tiles in ig3.CONFIGS[op].items()
+                for t in tiles}
+        assert set(names) == want and len(want) == 6
+        tu = translation_unit(f"igemm3_{op}.cu")
+        assert "Igemm3GradArgs" in tu and "offsetof(Igemm3GradArgs, bk_q)" in tu

@@ -385,3 +385,15 @@ def test_targets(tmp_path, capsys):
     assert ss.main(["--sass", str(sass), "--min-mma-share", "0.15"]) == 1
     assert "TARGET MISSED" in capsys.readouterr().out
     assert ss.main(["--sass", str(sass), "--min-mma-share", "0.05"]) == 0
+
+
+def test_third_generation_names_give_their_tile_math():
+    """igemm3_<op><T, MODE, BM, BN, BK, WARPS_M, WARPS_N, STAGES>: MI*NI*BK/KSTEP MMAs per warp
+    and k-slab (f16 m16n8k16, tf32 m16n8k8), for fprop, dgrad and wgrad alike."""
+    f16 = "_Z12igemm3_dgradI6ig_f16Li1ELi128ELi128ELi32ELi2ELi2ELi3EEvPKT_S3_PS1_Pf14Igemm3GradArgs"
+    tf32 = "_Z12igemm3_wgradIfLi2ELi64ELi64ELi16ELi2ELi2ELi4EEvPKT_S2_PS0_Pf14Igemm3GradArgs"
+    fp = "_Z12igemm3_fpropI7ig_bf16Li1ELi128ELi64ELi32ELi2ELi2ELi4EEvPKT_S3_S3_PS1_Pf10Igemm3Args"
+    assert ss.igemm_slab_math(f16) == 4 * 8 * 2       # 64x64 warp tile, two k16 steps
+    assert ss.igemm_slab_math(tf32) == 2 * 4 * 2      # 32x32 warp tile, two k8 steps
+    assert ss.igemm_slab_math(fp) == 4 * 4 * 2        # 64x32 warp tile
+    assert ss.igemm_slab_math("_Z19igemm3_splitk_reduceI6ig_f16EvPKfPKT_PS2_10Igemm3Args") is None
