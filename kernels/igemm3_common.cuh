@@ -36,7 +36,7 @@ struct Igemm3Args {
     int splits;                   // split-K factor (grid.z = groups * splits)
     int iters;                    // k-iterations of the whole reduction (fprop: R*S*ceil(Cg/BK))
     int iters_per_split;          // k-iterations of one split (the last may have fewer)
-    int reserved0, reserved1, reserved2;   // gen3grad: free for dgrad/wgrad
+    int reserved0, reserved1, reserved2;   // unused (dgrad/wgrad: Igemm3GradArgs, igemm3_grad.cuh)
 };
 
 // ---- shared-memory addresses -------------------------------------------------------------------
