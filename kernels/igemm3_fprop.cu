@@ -190,13 +190,7 @@ igemm3_fprop(const T* __restrict__ x, const T* __restrict__ w, const T* __restri
                                                             kc + b_lch) * 16u);
                 bf[j][0] = t4[0]; bf[j][1] = t4[1]; bf[j + 1][0] = t4[2]; bf[j + 1][1] = t4[3];
             }
-#pragma unroll
-            for (int i = 0; i < Cfg::MI; ++i)
-#pragma unroll
-                for (int j = 0; j < Cfg::NI; ++j) {
-                    if constexpr (MODE == IG_MODE_F16) IgMma16<T>::run(acc[i][j], af[i], bf[j]);
-                    else ig_mma_tf32(acc[i][j], af[i], bf[j]);
-                }
+            ig_warp_mma<T, MODE>(acc, af, bf);
         }
     }
     ig3_cp_wait<0>();

@@ -153,13 +153,7 @@ igemm3_wgrad(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ 
 #pragma unroll
             for (int j = 0; j < Cfg::NI; j += 2)
                 ig3_kn_bfrag<T, MODE, BK>(bf[j], bf[j + 1], Bs, Bp, kk, wn0 + 8 * j, lane);
-#pragma unroll
-            for (int i = 0; i < Cfg::MI; ++i)
-#pragma unroll
-                for (int j = 0; j < Cfg::NI; ++j) {
-                    if constexpr (MODE == IG_MODE_F16) IgMma16<T>::run(acc[i][j], af[i], bf[j]);
-                    else ig_mma_tf32(acc[i][j], af[i], bf[j]);
-                }
+            ig_warp_mma<T, MODE>(acc, af, bf);
         }
     }
     ig3_cp_wait<0>();

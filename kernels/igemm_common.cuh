@@ -135,6 +135,20 @@ __device__ __forceinline__ void ig_mma_tf32(float* c, const unsigned* a, const u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// One k-step of a warp's MI x NI tile of mma.sync: c[i][j] += a[i] * b[j] (m16n8k16 f16/bf16
+// when MODE is IG_MODE_F16, m16n8k8 tf32 otherwise). The main loops of both generations.
+template <typename T, int MODE, int MI, int NI>
+__device__ __forceinline__ void ig_warp_mma(float (&c)[MI][NI][4], const unsigned (&a)[MI][4],
+                                            const unsigned (&b)[NI][2]) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j) {
+            if constexpr (MODE == IG_MODE_F16) IgMma16<T>::run(c[i][j], a[i], b[j]);
+            else ig_mma_tf32(c[i][j], a[i], b[j]);
+        }
+}
+
 // ---- mixed-radix k counters (incremental decode, no division in the main loop) ----------------
 // A position k = (hi, mid, lo) with radices (., MID, LO); step() moves by 1, jump() by a fixed
 // stride whose decomposition (dh, dm, dl) the op precomputed once.
@@ -389,13 +403,7 @@ struct IgAccum {   // MODE_F16 and MODE_TF32: tensor cores, FP32 accumulators
                     b[j][1] = *reinterpret_cast<const unsigned*>(n0 + 4);
                 }
             }
-#pragma unroll
-            for (int i = 0; i < Cfg::MI; ++i)
-#pragma unroll
-                for (int j = 0; j < Cfg::NI; ++j) {
-                    if constexpr (MODE == IG_MODE_F16) IgMma16<T>::run(c[i][j], a[i], b[j]);
-                    else ig_mma_tf32(c[i][j], a[i], b[j]);
-                }
+            ig_warp_mma<T, MODE>(c, a, b);
         }
     }
     // Accumulator "row" i in [0, 2 MI): tile i / 2, upper/lower 8 rows; "column" j in [0, 2 NI).
