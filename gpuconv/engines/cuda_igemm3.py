@@ -219,7 +219,7 @@ class Igemm3Fprop:
         mode = _mode_for(ct) if ct else None
         if mode is None:
             return None
-        tile = next((t for t in IGEMM3_CONFIGS[(ct, mode)] if t.label == self.label), None)
+        tile = next((t for t in CONFIGS[self.op][(ct, mode)] if t.label == self.label), None)
         return None if tile is None else (ct, mode, tile)
 
     def supports(self, p: ConvProblem, dtype) -> bool:
@@ -405,13 +405,14 @@ class _Grad3(Igemm3Fprop):
         super().__init__(label, splits)
         self.name = f"igemm3_tc_{self.op}_{label}"
 
-    def _config(self, dtype):
-        ct = ctype_of(dtype)
-        mode = _mode_for(ct) if ct else None
-        if mode is None:
-            return None
-        tile = next((t for t in CONFIGS[self.op][(ct, mode)] if t.label == self.label), None)
-        return None if tile is None else (ct, mode, tile)
+    def _checked_config(self, p, dtype):
+        """(ctype, mode, tile) for a call on p in dtype; TypeError/ValueError otherwise."""
+        if not isinstance(p, ConvProblem):
+            raise TypeError(f"{self.name}: p must be a gpuconv.ConvProblem, got {type(p).__name__}")
+        cfg = self._config(dtype)
+        if cfg is None or not self.supports(p, dtype):
+            raise ValueError(f"{self.name} does not support {p} in {dtype}")
+        return cfg
 
     def supports(self, p: ConvProblem, dtype) -> bool:
         cfg = self._config(dtype)
@@ -436,12 +437,7 @@ class Igemm3Dgrad(_Grad3):
 
     def __call__(self, p, w, dy):
         import cupy
-        if not isinstance(p, ConvProblem):
-            raise TypeError(f"{self.name}: p must be a gpuconv.ConvProblem, got {type(p).__name__}")
-        cfg = self._config(dy.dtype)
-        if cfg is None or not self.supports(p, dy.dtype):
-            raise ValueError(f"{self.name} does not support {p} in {dy.dtype}")
-        ct, mode, tile = cfg
+        ct, mode, tile = self._checked_config(p, dy.dtype)
         _check_operands(self.name, [("dy", dy, (p.N, p.P, p.Q, p.K), "NHWC"),
                                     ("w", w, (p.K, p.R, p.S, p.Cg), "KRSC")])
         dx = cupy.empty((p.N, p.H, p.W, p.C), dy.dtype)
@@ -473,12 +469,7 @@ class Igemm3Wgrad(_Grad3):
 
     def __call__(self, p, x, dy):
         import cupy
-        if not isinstance(p, ConvProblem):
-            raise TypeError(f"{self.name}: p must be a gpuconv.ConvProblem, got {type(p).__name__}")
-        cfg = self._config(x.dtype)
-        if cfg is None or not self.supports(p, x.dtype):
-            raise ValueError(f"{self.name} does not support {p} in {x.dtype}")
-        ct, mode, tile = cfg
+        ct, mode, tile = self._checked_config(p, x.dtype)
         _check_operands(self.name, [("x", x, (p.N, p.H, p.W, p.C), "NHWC"),
                                     ("dy", dy, (p.N, p.P, p.Q, p.K), "NHWC")])
         dw = cupy.empty((p.K, p.R, p.S, p.Cg), x.dtype)
@@ -488,9 +479,8 @@ class Igemm3Wgrad(_Grad3):
             p, tile, _current_sm_count())
         a, grid = wgrad_args(p, tile, splits=splits)
         splits = int(a["splits"][0])
+        # no rows (N*P*Q == 0): wgrad_args gave one split, and the kernel writes dw = 0
         ws = cupy.empty((splits * dw.size,) if splits > 1 else (0,), np.float32)
-        if p.N * p.P * p.Q == 0:   # no rows: dw = 0 (the kernel writes zeros without iterations)
-            splits = 1
         get_kernel(kernel_name("wgrad", ct, mode, tile))(grid, (tile.threads,), (x, dy, dw, ws, a))
         if splits > 1:
             _reduce(ct, ws, dw, p.R * p.S * p.Cg, p.K, splits)
