@@ -17,26 +17,11 @@ from gpuconv.engines import numpy_engine as ne
 from . import cuda_checks as cc
 from . import igemm_host as ih
 from .kernel_host import CXX
+# the host-emulation fixtures (the gen-3 kernels built once, installed per test) and nhwc()
+from .test_igemm3_host_fprop import host, libs, nhwc  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed: cannot run the "
                                                     "kernels on the host")
-
-
-@pytest.fixture(scope="module")
-def libs():
-    return ih.build3()
-
-
-@pytest.fixture
-def host(libs, monkeypatch):
-    ih.install3(monkeypatch, libs)
-    ih.set_order("forward")
-    yield libs
-    ih.set_order("forward")
-
-
-def nhwc(a):
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
 
 
 def _check(out, ref, dt, tf32, what):
