@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=["gpuconv", "gpuconv.*"]) + ["gpuconv.kernels"],
     package_dir={"gpuconv.kernels": "kernels"},
     package_data={"gpuconv.kernels": ["*.cu", "*.cuh"], "gpuconv.benchmark": ["*.csv"]},
-    install_requires=["numpy>=1.23"],
+    # threadpoolctl: the NumPy engine's thread pool holds the BLAS to one thread per part
+    install_requires=["numpy>=1.23", "threadpoolctl>=3.1"],
     extras_require={
         # choose one CuPy build, matching the CUDA major version of the driver; CuPy's [ctk]
         # extra brings the CUDA headers and NVRTC as wheels (a driver-only machine has neither),

@@ -34,6 +34,7 @@ from . import functional as F
 from ._arrays import (CPU_DTYPES, GPU_DTYPES, check_arrays, check_shape, is_cupy_array,
                       memory_format, to_format)
 from .device import device_of, get_array_module, parse_device, to_device
+from .engines import cpu_threads as _cpu_threads
 from .problem import ConvProblem, PoolProblem, _pair
 
 __all__ = [
@@ -598,6 +599,13 @@ class Conv2d(Module):
                 f"groups={self.groups}, bias={self.bias is not None}")
 
 
+def _matmul(a, b):
+    """a @ b; for NumPy arrays on the NumPy engine's thread pool (see engines.cpu_threads)."""
+    if type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == b.ndim == 2:
+        return _cpu_threads.matmul(a, b)
+    return a @ b
+
+
 class Linear(Module):
     """y = x @ weight.T + bias; x (N, in_features), weight (out_features, in_features)."""
 
@@ -615,7 +623,7 @@ class Linear(Module):
         check_arrays([("input", x), ("weight", self.weight.data)], ndim={"input": 2})
         if x.shape[1] != self.in_features:
             raise ValueError(f"input must have shape (N, {self.in_features}), got {x.shape}")
-        y = x @ self.weight.data.T
+        y = _matmul(x, self.weight.data.T)
         if self.bias is not None:
             y += self.bias.data
         self._keep(x)
@@ -627,9 +635,9 @@ class Linear(Module):
         if grad_output.shape != (x.shape[0], self.out_features):
             raise ValueError(f"grad_output must have shape {(x.shape[0], self.out_features)}, "
                              f"got {grad_output.shape}")
-        _add_grad(self.weight, lambda: grad_output.T @ x)
+        _add_grad(self.weight, lambda: _matmul(grad_output.T, x))
         _add_grad(self.bias, lambda: grad_output.sum(axis=0))
-        return grad_output @ self.weight.data if needs_input_grad else None
+        return _matmul(grad_output, self.weight.data) if needs_input_grad else None
 
 
     def _flops(self, x_shape):

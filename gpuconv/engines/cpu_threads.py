@@ -1,0 +1,232 @@
+"""A persistent worker pool that splits the NumPy engine's large ops over the batch (opt-in).
+
+NumPy runs its element-wise passes, copies and per-image GEMMs on one core, and OpenBLAS threads
+a small GEMM poorly (a batched matmul is one small BLAS call per image). With T threads the
+engine's large ops cut the batch into T contiguous parts and run one part per thread: the
+calling thread takes the first, T - 1 pool threads the others. NumPy releases the GIL inside
+its loops and BLAS calls, so the parts run at once; the Python in between (a few calls per
+kernel tap) is short. While the parts run, the BLAS is held to one thread per call (T threads
+each starting T BLAS threads would oversubscribe the cores) and restored after.
+
+Off by default (T = 1): on the 2-vCPU machine this was measured on, the split made whole
+training steps faster in some runs and slower in others (see bench/NOTES.md, issue 11), so it
+is not turned on for everyone. ``set_num_threads(n)`` or ``GPUCONV_CPU_THREADS=n`` turns it on
+(never more threads than the cores this process may run on).
+
+Results are deterministic: the parts are fixed by (batch, T), each part is computed by one thread
+with single-threaded BLAS, and reductions over parts (the weight gradient) add the partial sums
+in part order. They may differ from the unsplit op in the last bits (a different reduction order
+or BLAS kernel), and between thread counts, as PyTorch's do. Ops below ``MIN_ELEMENTS`` elements
+per part are not split: the hand-off (measured 10-200 us) would cost more than it saves.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+
+import numpy as np
+
+MIN_ELEMENTS = 1 << 20  # per part: smaller ops run on the calling thread alone
+HOLD_BLAS = True  # unsplit ops of a batch also run on one BLAS thread while the pool is on
+SPIN_S = 0.0  # seconds a worker (and the caller, for the parts) polls before blocking
+
+_num_threads = None  # None: GPUCONV_CPU_THREADS, else 1
+_state = threading.local()  # .busy: this thread is running a part (nested splits run serially)
+_lock = threading.Lock()  # one split at a time; a second caller thread runs its op serially
+_pool = None  # (pid, [worker queues]); rebuilt after a fork
+_done = queue.SimpleQueue()
+_blas = None  # threadpoolctl's controllers of the BLAS libraries NumPy loaded ([] if none)
+
+
+def set_num_threads(n) -> None:
+    """Threads for the NumPy engine's split ops: an int >= 1 (1: no split), or None for the
+    environment variable GPUCONV_CPU_THREADS (default 1)."""
+    global _num_threads
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_threads must be an int >= 1 or None, got {n!r}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """The number of parts a large op is split into now (1: no split)."""
+    n = _num_threads if _num_threads is not None else _env_threads()
+    return max(1, min(n, _cores()))
+
+
+def _env_threads():
+    v = os.environ.get("GPUCONV_CPU_THREADS", "").strip()
+    if not v:
+        return 1
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"GPUCONV_CPU_THREADS must be an int >= 1, got {v!r}")
+    return n
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _blas_controllers():
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        except Exception:  # threadpoolctl missing or unable to inspect: no BLAS control
+            _blas = []
+    return _blas
+
+
+def _get(q):
+    if SPIN_S > 0:
+        end = time.perf_counter() + SPIN_S
+        while time.perf_counter() < end:
+            try:
+                return q.get_nowait()
+            except queue.Empty:
+                time.sleep(0)  # lets the GIL go
+    return q.get()
+
+
+def _worker(q):
+    while True:
+        job = _get(q)
+        if job is None:
+            return
+        fn, i, a, b = job
+        _state.busy = True
+        try:
+            fn(i, a, b)
+            _done.put(None)
+        except BaseException as e:  # handed to the caller, which re-raises it
+            _done.put(e)
+        finally:
+            _state.busy = False
+
+
+def _queues(n):
+    global _pool
+    if _pool is None or _pool[0] != os.getpid() or len(_pool[1]) < n:
+        old = [] if _pool is None or _pool[0] != os.getpid() else _pool[1]
+        qs = list(old)
+        for _ in range(n - len(old)):
+            q = queue.SimpleQueue()
+            threading.Thread(target=_worker, args=(q,), name="gpuconv-cpu", daemon=True).start()
+            qs.append(q)
+        _pool = (os.getpid(), qs)
+    return _pool[1]
+
+
+def parts(n, elements, min_elements=None):
+    """Contiguous [a, b) ranges splitting range(n) into get_num_threads() near-equal parts, or
+    None when the op should not be split (one thread, n < 2, or parts below min_elements, where
+    `elements` is the op's size over all n)."""
+    if n < 2 or getattr(_state, "busy", False):
+        return None
+    t = min(get_num_threads(), n)
+    if t < 2:
+        return None
+    limit = MIN_ELEMENTS if min_elements is None else min_elements
+    t = min(t, int(elements // max(1, limit)))
+    if t < 2:
+        return None
+    q, r = divmod(n, t)
+    bounds = [i * q + min(i, r) for i in range(t + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def run(fn, ranges):
+    """fn(i, a, b) for every (a, b) = ranges[i]: the first on this thread, the others on the pool,
+    all at once; returns when all are done and re-raises the first error. Serial when another
+    thread holds the pool (or this is one of its parts)."""
+    if len(ranges) == 1 or getattr(_state, "busy", False) or not _lock.acquire(blocking=False):
+        for i, (a, b) in enumerate(ranges):
+            fn(i, a, b)
+        return
+    try:
+        with _one_blas_thread():
+            qs = _queues(len(ranges) - 1)
+            for q, (i, (a, b)) in zip(qs, list(enumerate(ranges))[1:]):
+                q.put((fn, i, a, b))
+            errors = []
+            _state.busy = True
+            try:
+                fn(0, *ranges[0])
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                _state.busy = False
+                for _ in ranges[1:]:  # always wait: the parts write into the caller's arrays
+                    e = _get(_done)
+                    if e is not None:
+                        errors.append(e)
+            if errors:
+                raise errors[0]
+    finally:
+        _lock.release()
+
+
+class _one_blas_thread:
+    """Hold the BLAS to one thread per call inside the block (restored after)."""
+
+    __slots__ = ("saved",)
+
+    def __enter__(self):
+        ctl = _blas_controllers()
+        self.saved = [c.get_num_threads() for c in ctl]
+        for c, n in zip(ctl, self.saved):
+            if n != 1:
+                c.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        for c, n in zip(_blas_controllers(), self.saved):
+            if n != 1:
+                c.set_num_threads(n)
+
+
+class _nothing:
+    __slots__ = ()
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+_NOTHING = _nothing()
+
+
+def serial(n):
+    """The context for an op of batch n that runs unsplit: while the pool is in use (more than
+    one thread), a small op's GEMMs run on one BLAS thread too. OpenBLAS's threads spin for a
+    long while (~0.1 s) after every threaded call, and a spinning BLAS thread on the core that
+    the pool's next part wants slowed a whole MNIST training step from 32 to 48 ms (2 cores).
+    An op of a single image (n == 1), which cannot be split, keeps the BLAS's threads."""
+    if not HOLD_BLAS or n < 2 or getattr(_state, "busy", False) or get_num_threads() < 2:
+        return _NOTHING
+    return _one_blas_thread()
+
+
+def matmul(a, b):
+    """a @ b for 2-D NumPy arrays, rows of a split over the pool (each part one BLAS thread; the
+    rows of the result do not depend on the split) -- the fully connected layers of gpuconv.nn,
+    so that a training step never wakes the BLAS's own threads (see serial)."""
+    m = a.shape[0]
+    split = parts(m, m * (a.shape[1] + b.shape[1]))
+    if split is None:
+        with serial(m):
+            return a @ b
+    out = np.empty((m, b.shape[1]), np.result_type(a, b))
+    run(lambda i, lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), split)
+    return out
