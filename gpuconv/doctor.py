@@ -438,13 +438,16 @@ def cuda_headers():
 
 def environment():
     """What is installed and which device is there, as a flat dict of strings/numbers."""
-    from . import __version__, cuda
+    from . import __version__, _blas_kernels, cuda
     from .benchmark import env as benv
     e = {"gpuconv": __version__, "gpuconv_path": os.path.dirname(os.path.abspath(__file__)),
          "commit": benv.git_commit(), "python": sys.version.split()[0],
          "platform": platform.platform(), "numpy": np.__version__, "cupy": _version("cupy"),
          "ml_dtypes": _version("ml_dtypes"), "torch": _version("torch"),
-         "cpu": benv.cpu_name(), "cpu_count": os.cpu_count()}
+         "cpu": benv.cpu_name(), "cpu_count": os.cpu_count(),
+         "blas": benv.blas_line(benv.versions()).split("\n")[0]}
+    if _blas_kernels.note():
+        e["blas_note"] = _blas_kernels.note()
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         e["torch_cuda"] = torch.version.cuda

@@ -310,3 +310,13 @@ def test_polling_workers_give_the_same_results(split, monkeypatch):
     for _ in range(3):
         ct.run(lambda i, a, b: out.__setitem__(slice(a, b), out[a:b] + i), ct.parts(9, 9))
     np.testing.assert_array_equal(out, [0, 0, 0, 3, 3, 3, 6, 6, 6])
+
+
+def test_blas_note_only_when_the_environment_pins_avx2_kernels_on_an_avx512_cpu():
+    from gpuconv import _blas_kernels as bk
+    avx512 = {"avx2", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"}
+    assert "OPENBLAS_CORETYPE=Haswell" in bk.note({"OPENBLAS_CORETYPE": "Haswell"}, avx512)
+    assert bk.note({"OPENBLAS_CORETYPE": "zen"}, avx512)
+    assert bk.note({"OPENBLAS_CORETYPE": "Haswell"}, {"avx2", "avx512f"}) is None  # no AVX-512BW
+    assert bk.note({"OPENBLAS_CORETYPE": "SkylakeX"}, avx512) is None
+    assert bk.note({}, avx512) is None

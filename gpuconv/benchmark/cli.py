@@ -248,6 +248,7 @@ def _print_header(doc, ready, roofs, settings, threads, cache):
     print(f"gpuconv-bench {doc['date']}  commit {doc['commit']}")
     print(f"machine: {m['cpu']} ({m['cpu_count']} cores, {threads} threads used)"
           + (f"; GPU {gpu.get('name')} driver {gpu.get('driver')}" if gpu else "; no GPU"))
+    print(f"NumPy's BLAS: {env.blas_line(v)}")
     load = m.get("load_average_1min")
     if load is not None and load > 0.25 * (m["cpu_count"] or 1):
         print(f"WARNING: load average {load:.2f} on {m['cpu_count']} cores: other processes "

@@ -92,11 +92,26 @@ def versions():
         pass
     try:
         import threadpoolctl
-        v["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "num_threads")}
+        v["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "num_threads",
+                                            "architecture")}
                      for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
     except Exception:
         pass
+    v["openblas_coretype"] = os.environ.get("OPENBLAS_CORETYPE")
     return v
+
+
+def blas_line(v):
+    """'openblas 0.3.31 Haswell kernels (OPENBLAS_CORETYPE=Haswell)' for the headers, from
+    versions(), with a warning where the environment pins kernels below the CPU's."""
+    from .._blas_kernels import note
+    libs = v.get("blas") or []
+    line = ", ".join(f"{b.get('internal_api')} {b.get('version')} {b.get('architecture')} "
+                     "kernels" for b in libs) or "BLAS unknown"
+    if v.get("openblas_coretype"):
+        line += f" (OPENBLAS_CORETYPE={v['openblas_coretype']})"
+    warn = note({"OPENBLAS_CORETYPE": v.get("openblas_coretype") or ""})
+    return line + (f"\n  note: {warn}" if warn else "")
 
 
 def load_average():

@@ -32,6 +32,7 @@ import warnings
 import numpy as np
 
 from .. import nn
+from ..engines import cpu_threads
 from ..optim import SGD
 from . import env, report, timing
 
@@ -418,12 +419,14 @@ def main(argv=None):
     doc = {"schema": report.SCHEMA + "+train", "date": env.now(), "commit": env.git_commit(),
            "command": "gpuconv-bench train " + " ".join(argv), "machine": env.machine(),
            "versions": env.versions(), "threads": threads, "target": TARGET,
+           "cpu_threads": cpu_threads.get_num_threads(),
            "settings": {k: getattr(ts, k) for k in ("warmup_s", "min_samples", "max_samples",
                                                     "max_time", "block", "settle_s")}}
     m = doc["machine"]
     print(f"gpuconv-bench train {doc['date']}  commit {doc['commit']}\nmachine: {m['cpu']} "
           f"({m['cpu_count']} cores, {threads} threads); 1-min load average "
-          f"{m.get('load_average_1min')}")
+          f"{m.get('load_average_1min')}\nNumPy's BLAS: {env.blas_line(doc['versions'])}; "
+          f"gpuconv CPU threads: {cpu_threads.get_num_threads()}")
     with timing.thread_limits(threads):
         rows = [run_model(n, args.batch, ts, profile_steps=args.profile_steps, seed=args.seed)
                 for n in names]
