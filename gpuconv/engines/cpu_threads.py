@@ -53,7 +53,7 @@ def set_num_threads(n) -> None:
 def get_num_threads() -> int:
     """The number of parts a large op is split into now (1: no split)."""
     n = _num_threads if _num_threads is not None else _env_threads()
-    return max(1, min(n, _cores()))
+    return 1 if n == 1 else max(1, min(n, _cores()))
 
 
 def _env_threads():
@@ -70,10 +70,19 @@ def _env_threads():
 
 
 def _cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    """The cores this process may run on (read once per process: a syscall per op would be a
+    few percent of a small model's step)."""
+    global _cores_seen
+    if _cores_seen is None or _cores_seen[0] != os.getpid():
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+        _cores_seen = (os.getpid(), n)
+    return _cores_seen[1]
+
+
+_cores_seen = None
 
 
 def _blas_controllers():
