@@ -36,7 +36,6 @@ _num_threads = None  # None: GPUCONV_CPU_THREADS, else 1
 _state = threading.local()  # .busy: this thread is running a part (nested splits run serially)
 _lock = threading.Lock()  # one split at a time; a second caller thread runs its op serially
 _pool = None  # (pid, [worker queues]); rebuilt after a fork
-_done = queue.SimpleQueue()
 _blas = None  # threadpoolctl's controllers of the BLAS libraries NumPy loaded ([] if none)
 
 
@@ -112,13 +111,13 @@ def _worker(q):
         job = _get(q)
         if job is None:
             return
-        fn, i, a, b = job
+        fn, i, a, b, done = job
         _state.busy = True
         try:
             fn(i, a, b)
-            _done.put(None)
+            done.put(None)
         except BaseException as e:  # handed to the caller, which re-raises it
-            _done.put(e)
+            done.put(e)
         finally:
             _state.busy = False
 
@@ -165,8 +164,9 @@ def run(fn, ranges):
     try:
         with _one_blas_thread():
             qs = _queues(len(ranges) - 1)
+            done = queue.SimpleQueue()  # this run's (an interrupted run leaves no stale news)
             for q, (i, (a, b)) in zip(qs, list(enumerate(ranges))[1:]):
-                q.put((fn, i, a, b))
+                q.put((fn, i, a, b, done))
             errors = []
             _state.busy = True
             try:
@@ -176,7 +176,7 @@ def run(fn, ranges):
             finally:
                 _state.busy = False
                 for _ in ranges[1:]:  # always wait: the parts write into the caller's arrays
-                    e = _get(_done)
+                    e = _get(done)
                     if e is not None:
                         errors.append(e)
             if errors:
