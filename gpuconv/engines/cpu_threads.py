@@ -111,15 +111,40 @@ def _worker(q):
         job = _get(q)
         if job is None:
             return
-        fn, i, a, b, done = job
+        fn, i, a, b, run_ = job
+        if not run_.claim(i, worker=True):
+            continue  # the caller took this part over while this thread was waking up
         _state.busy = True
         try:
             fn(i, a, b)
-            done.put(None)
+            run_.done.put(None)
         except BaseException as e:  # handed to the caller, which re-raises it
-            done.put(e)
+            run_.done.put(e)
         finally:
             _state.busy = False
+
+
+class _Run:
+    """One run's bookkeeping: who took which part (the caller takes over every part no worker
+    has started when it is done with its own, so a worker slow to wake -- 20-200 us on the
+    2-vCPU test machine, or much longer when the host has lent that vCPU elsewhere -- costs
+    parallelism, never time), and the workers' completion messages."""
+
+    __slots__ = ("lock", "owner", "done", "by_workers")
+
+    def __init__(self, n):
+        self.lock = threading.Lock()
+        self.owner = [None] * n
+        self.done = queue.SimpleQueue()
+        self.by_workers = 0
+
+    def claim(self, i, worker):
+        with self.lock:
+            if self.owner[i] is not None:
+                return False
+            self.owner[i] = "worker" if worker else "caller"
+            self.by_workers += worker
+            return True
 
 
 def _queues(n):
@@ -164,19 +189,23 @@ def run(fn, ranges):
     try:
         with _one_blas_thread():
             qs = _queues(len(ranges) - 1)
-            done = queue.SimpleQueue()  # this run's (an interrupted run leaves no stale news)
+            run_ = _Run(len(ranges))
             for q, (i, (a, b)) in zip(qs, list(enumerate(ranges))[1:]):
-                q.put((fn, i, a, b, done))
+                q.put((fn, i, a, b, run_))
             errors = []
             _state.busy = True
             try:
-                fn(0, *ranges[0])
+                for i, (a, b) in enumerate(ranges):  # part 0, then any part not yet started
+                    if run_.claim(i, worker=False):
+                        fn(i, a, b)
             except BaseException as e:
                 errors.append(e)
+                for i in range(len(ranges)):  # parts nobody started: nobody will
+                    run_.claim(i, worker=False)
             finally:
                 _state.busy = False
-                for _ in ranges[1:]:  # always wait: the parts write into the caller's arrays
-                    e = _get(done)
+                for _ in range(run_.by_workers):  # the parts write into the caller's arrays
+                    e = _get(run_.done)
                     if e is not None:
                         errors.append(e)
             if errors:
