@@ -445,9 +445,10 @@ def environment():
          "platform": platform.platform(), "numpy": np.__version__, "cupy": _version("cupy"),
          "ml_dtypes": _version("ml_dtypes"), "torch": _version("torch"),
          "cpu": benv.cpu_name(), "cpu_count": os.cpu_count(),
-         "blas": benv.blas_line(benv.versions()).split("\n")[0]}
-    if _blas_kernels.note():
-        e["blas_note"] = _blas_kernels.note()
+         "blas": benv.blas_kernels(benv.versions())}
+    note = _blas_kernels.note()
+    if note:
+        e["blas_note"] = note
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         e["torch_cuda"] = torch.version.cuda

@@ -101,17 +101,22 @@ def versions():
     return v
 
 
-def blas_line(v):
-    """'openblas 0.3.31 Haswell kernels (OPENBLAS_CORETYPE=Haswell)' for the headers, from
-    versions(), with a warning where the environment pins kernels below the CPU's."""
-    from .._blas_kernels import note
+def blas_kernels(v):
+    """'openblas 0.3.31 Haswell kernels (OPENBLAS_CORETYPE=Haswell)', from versions()."""
     libs = v.get("blas") or []
     line = ", ".join(f"{b.get('internal_api')} {b.get('version')} {b.get('architecture')} "
                      "kernels" for b in libs) or "BLAS unknown"
     if v.get("openblas_coretype"):
         line += f" (OPENBLAS_CORETYPE={v['openblas_coretype']})"
+    return line
+
+
+def blas_line(v):
+    """blas_kernels(v) for the headers, with a warning where the environment pins kernels below
+    the CPU's."""
+    from .._blas_kernels import note
     warn = note({"OPENBLAS_CORETYPE": v.get("openblas_coretype") or ""})
-    return line + (f"\n  note: {warn}" if warn else "")
+    return blas_kernels(v) + (f"\n  note: {warn}" if warn else "")
 
 
 def load_average():

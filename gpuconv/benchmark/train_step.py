@@ -426,7 +426,7 @@ def main(argv=None):
     print(f"gpuconv-bench train {doc['date']}  commit {doc['commit']}\nmachine: {m['cpu']} "
           f"({m['cpu_count']} cores, {threads} threads); 1-min load average "
           f"{m.get('load_average_1min')}\nNumPy's BLAS: {env.blas_line(doc['versions'])}; "
-          f"gpuconv CPU threads: {cpu_threads.get_num_threads()}")
+          f"gpuconv CPU threads: {doc['cpu_threads']}")
     with timing.thread_limits(threads):
         rows = [run_model(n, args.batch, ts, profile_steps=args.profile_steps, seed=args.seed)
                 for n in names]

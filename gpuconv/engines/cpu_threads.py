@@ -21,6 +21,7 @@ per part are not split: the hand-off (measured 10-200 us) would cost more than i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -29,7 +30,6 @@ import time
 import numpy as np
 
 MIN_ELEMENTS = 1 << 20  # per part: smaller ops run on the calling thread alone
-HOLD_BLAS = True  # unsplit ops of a batch also run on one BLAS thread while the pool is on
 SPIN_S = 0.0  # seconds a worker (and the caller, for the parts) polls before blocking
 
 _num_threads = None  # None: GPUCONV_CPU_THREADS, else 1
@@ -130,19 +130,19 @@ class _Run:
     2-vCPU test machine, or much longer when the host has lent that vCPU elsewhere -- costs
     parallelism, never time), and the workers' completion messages."""
 
-    __slots__ = ("lock", "owner", "done", "by_workers")
+    __slots__ = ("lock", "taken", "done", "by_workers")
 
     def __init__(self, n):
         self.lock = threading.Lock()
-        self.owner = [None] * n
+        self.taken = [False] * n
         self.done = queue.SimpleQueue()
         self.by_workers = 0
 
     def claim(self, i, worker):
         with self.lock:
-            if self.owner[i] is not None:
+            if self.taken[i]:
                 return False
-            self.owner[i] = "worker" if worker else "caller"
+            self.taken[i] = True
             self.by_workers += worker
             return True
 
@@ -160,17 +160,16 @@ def _queues(n):
     return _pool[1]
 
 
-def parts(n, elements, min_elements=None):
+def parts(n, elements):
     """Contiguous [a, b) ranges splitting range(n) into get_num_threads() near-equal parts, or
-    None when the op should not be split (one thread, n < 2, or parts below min_elements, where
+    None when the op should not be split (one thread, n < 2, or parts below MIN_ELEMENTS, where
     `elements` is the op's size over all n)."""
     if n < 2 or getattr(_state, "busy", False):
         return None
     t = min(get_num_threads(), n)
     if t < 2:
         return None
-    limit = MIN_ELEMENTS if min_elements is None else min_elements
-    t = min(t, int(elements // max(1, limit)))
+    t = min(t, int(elements // max(1, MIN_ELEMENTS)))
     if t < 2:
         return None
     q, r = divmod(n, t)
@@ -232,28 +231,31 @@ class _one_blas_thread:
                 c.set_num_threads(n)
 
 
-class _nothing:
-    __slots__ = ()
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
-
-
-_NOTHING = _nothing()
-
-
 def serial(n):
     """The context for an op of batch n that runs unsplit: while the pool is in use (more than
     one thread), a small op's GEMMs run on one BLAS thread too. OpenBLAS's threads spin for a
     long while (~0.1 s) after every threaded call, and a spinning BLAS thread on the core that
     the pool's next part wants slowed a whole MNIST training step from 32 to 48 ms (2 cores).
     An op of a single image (n == 1), which cannot be split, keeps the BLAS's threads."""
-    if not HOLD_BLAS or n < 2 or getattr(_state, "busy", False) or get_num_threads() < 2:
-        return _NOTHING
+    if n < 2 or getattr(_state, "busy", False) or get_num_threads() < 2:
+        return contextlib.nullcontext()
     return _one_blas_thread()
+
+
+def elementwise(fn, *arrays, dtype=None):
+    """out = fn(*array slices, out slice) over flat parts of the arrays on the pool, out a new
+    C-contiguous array of their shape (dtype: the first array's by default); None (nothing
+    done) when they are not C-contiguous arrays of one shape or the op is too small to split."""
+    first = arrays[0]
+    if not all(a.shape == first.shape and a.flags.c_contiguous for a in arrays):
+        return None
+    split = parts(first.size, first.size)
+    if split is None:
+        return None
+    out = np.empty(first.shape, first.dtype if dtype is None else dtype)
+    flat = [a.reshape(-1) for a in arrays + (out,)]
+    run(lambda i, lo, hi: fn(*(a[lo:hi] for a in flat)), split)
+    return out
 
 
 def matmul(a, b):

@@ -163,49 +163,42 @@ def _split(p, elements):
     return None if p.is_depthwise else _threads.parts(p.N, elements)
 
 
+def _over_batch(p, op, elements, shape, dtype, one):
+    """The result of an op whose images are independent, `shape` (batch first): one(q, a, b,
+    out) computes images [a, b) (q = p.with_batch(b - a)) into `out`, their slice of the result
+    (or returns a new array when out is None). The batch is split over the thread pool
+    (cpu_threads) and, inside each part, into column-matrix chunks (_batch_chunks)."""
+    def chunked(a0, b0, out):
+        q = p.with_batch(b0 - a0)
+        chunks = _batch_chunks(q, op, np.dtype(dtype).itemsize)
+        if len(chunks) == 1:
+            return one(q, a0, b0, out)
+        res = np.empty((b0 - a0,) + tuple(shape[1:]), dtype) if out is None else out
+        for a, b in chunks:
+            one(q.with_batch(b - a), a0 + a, a0 + b, res[a:b])
+        return res
+
+    split = _split(p, elements)
+    if split is None:
+        with _threads.serial(p.N):
+            return chunked(0, p.N, None)
+    res = np.empty(shape, dtype)
+    _threads.run(lambda i, a, b: chunked(a, b, res[a:b]), split)
+    return res
+
+
 def conv_fprop(p: ConvProblem, x, w, bias=None):
     if memory_format(x) == "nhwc":  # channels_last: numpy_nhwc computes on its NHWC memory
         return _nhwc.conv_fprop(p, x, w, bias)
-    split = _split(p, p.im2col_elements() + p.N * p.K * p.P * p.Q)
-    if split is None:
-        with _threads.serial(p.N):
-            return _fprop_chunked(p, x, w, bias)
-    y = np.empty(p.y_shape, x.dtype)
-    _threads.run(lambda i, a, b: _fprop_chunked(p.with_batch(b - a), x[a:b], w, bias, y[a:b]),
-                 split)
-    return y
-
-
-def _fprop_chunked(p, x, w, bias, out=None):
-    chunks = _batch_chunks(p, "fprop", x.itemsize)
-    if len(chunks) == 1:
-        return _fprop(p, x, w, bias, out)
-    y = np.empty(p.y_shape, x.dtype) if out is None else out
-    for a, b in chunks:
-        _fprop(p.with_batch(b - a), x[a:b], w, bias, y[a:b])
-    return y
+    return _over_batch(p, "fprop", p.im2col_elements() + p.N * p.K * p.P * p.Q, p.y_shape,
+                       x.dtype, lambda q, a, b, out: _fprop(q, x[a:b], w, bias, out))
 
 
 def conv_dgrad(p: ConvProblem, w, dy):
     if memory_format(dy) == "nhwc":
         return _nhwc.conv_dgrad(p, w, dy)
-    split = _split(p, p.N * p.K * p.P * p.Q * p.R * p.S + p.N * p.C * p.H * p.W)
-    if split is None:
-        with _threads.serial(p.N):
-            return _dgrad_chunked(p, w, dy)
-    dx = np.empty(p.x_shape, dy.dtype)
-    _threads.run(lambda i, a, b: _dgrad_chunked(p.with_batch(b - a), w, dy[a:b], dx[a:b]), split)
-    return dx
-
-
-def _dgrad_chunked(p, w, dy, out=None):
-    chunks = _batch_chunks(p, "dgrad", dy.itemsize)
-    if len(chunks) == 1:
-        return _dgrad(p, w, dy, out)
-    dx = np.empty(p.x_shape, dy.dtype) if out is None else out
-    for a, b in chunks:
-        _dgrad(p.with_batch(b - a), w, dy[a:b], dx[a:b])
-    return dx
+    return _over_batch(p, "dgrad", p.N * p.K * p.P * p.Q * p.R * p.S + p.N * p.C * p.H * p.W,
+                       p.x_shape, dy.dtype, lambda q, a, b, out: _dgrad(q, w, dy[a:b], out))
 
 
 def conv_wgrad(p: ConvProblem, x, dy):
@@ -654,13 +647,8 @@ def act_fprop(kind, x, alpha=None):
         return act_fprop(kind, x.reshape(1), alpha).reshape(())
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         if kind == "relu":
-            split = _threads.parts(x.size, x.size) if x.flags.c_contiguous else None
-            if split is None:
-                return np.maximum(x, 0, dtype=x.dtype)  # NaN propagates
-            y = np.empty_like(x)
-            xf, yf = x.reshape(-1), y.reshape(-1)
-            _threads.run(lambda i, a, b: np.maximum(xf[a:b], 0, out=yf[a:b]), split)
-            return y
+            y = _threads.elementwise(lambda a, out: np.maximum(a, 0, out=out), x)
+            return np.maximum(x, 0, dtype=x.dtype) if y is None else y  # NaN propagates
         if kind == "leaky_relu":
             return np.where(x > 0, x, x * x.dtype.type(alpha))
         if kind == "sigmoid":
@@ -682,14 +670,8 @@ def act_dgrad(kind, x, y, dy, alpha=None):
                          alpha).reshape(())
     t = x.dtype.type
     if kind == "relu":
-        same = x.shape == dy.shape and x.flags.c_contiguous and dy.flags.c_contiguous
-        split = _threads.parts(x.size, x.size) if same else None
-        if split is None:
-            return _relu_dgrad(x, dy)
-        dx = np.empty(x.shape, dy.dtype)
-        xf, dyf, dxf = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)
-        _threads.run(lambda i, a, b: _relu_dgrad(xf[a:b], dyf[a:b], dxf[a:b]), split)
-        return dx
+        dx = _threads.elementwise(_relu_dgrad, x, dy, dtype=dy.dtype)
+        return _relu_dgrad(x, dy) if dx is None else dx
     if kind == "leaky_relu":
         return np.where(x > 0, dy, dy * t(alpha))
     if kind == "sigmoid":
