@@ -247,7 +247,7 @@ def test_release_workspace_frees_the_buffers_and_results_stay_right():
     np.testing.assert_array_equal(gc.conv2d(x, w, padding=1), y0)
 
 
-@pytest.mark.parametrize("x_shape,w_shape,kw", [
+_FLAT_SHIFT_CASES = [
     ((2, 2, 7, 6), (5, 2, 3, 3), dict(padding=1)),
     ((1, 3, 9, 8), (4, 3, 3, 3), dict(padding=2, dilation=2)),
     ((2, 1, 6, 9), (3, 1, 3, 5), dict(padding=(1, 2))),
@@ -261,7 +261,10 @@ def test_release_workspace_frees_the_buffers_and_results_stay_right():
     ((1, 1, 2, 2), (2, 1, 7, 7), dict(padding=3)),
     ((2, 2, 3, 2), (4, 2, 7, 7), dict(padding=3)),
     ((1, 1, 4, 3), (2, 1, 1, 9), dict(padding=(0, 4))),
-])
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kw", _FLAT_SHIFT_CASES)
 def test_stride1_same_size_dgrad_flat_shift_gather(x_shape, w_shape, kw, monkeypatch):
     """Stride 1 with dx rows as wide as dy's, or up to 1.5x wider (dy rows zero-padded), gathers
     the channel-first taps as shifted adds over flattened planes, zeroing the columns a shift
@@ -269,9 +272,28 @@ def test_stride1_same_size_dgrad_flat_shift_gather(x_shape, w_shape, kw, monkeyp
     from gpuconv.engines import numpy_engine
     taken = []
     real = numpy_engine._gather_flat_shifts
+    monkeypatch.setattr(numpy_engine, "DGRAD_SPLIT_TAPS", lambda p: False)
     monkeypatch.setattr(numpy_engine, "_gather_flat_shifts",
                         lambda *a: taken.append(1) or real(*a))
     _assert_matches_naive(x_shape, w_shape, kw, seed=15, ops=("dgrad",))
+    assert taken
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kw", _FLAT_SHIFT_CASES + [
+    ((2, 3, 7, 5), (4, 3, 3, 2), dict(padding=(2, 0), dilation=(1, 3))),
+    ((1, 6, 5, 5), (4, 3, 2, 2), dict(padding=(1, 1), groups=2)),
+])
+def test_stride1_dgrad_split_taps(x_shape, w_shape, kw, monkeypatch):
+    """Stride-1 dgrad with the column taps in the GEMM and the row taps gathered after it, on
+    the flat-shift cases (padding wider than the input included) and with dilation and groups:
+    checked against naive loops, with the path proven taken."""
+    from gpuconv.engines import numpy_engine
+    taken = []
+    real = numpy_engine._dgrad_split_taps
+    monkeypatch.setattr(numpy_engine, "DGRAD_SPLIT_TAPS", lambda p: True)
+    monkeypatch.setattr(numpy_engine, "_dgrad_split_taps",
+                        lambda *a: taken.append(1) or real(*a))
+    _assert_matches_naive(x_shape, w_shape, kw, seed=17, ops=("dgrad",))
     assert taken
 
 
@@ -313,7 +335,12 @@ def test_wgrad_reuses_the_fprop_column_matrix_only_when_still_valid(monkeypatch)
     assert wgrad_after(x2, x) == 1                      # another input of the same shape
     xm = x.copy()
     assert wgrad_after(xm, xm, lambda: xm.__setitem__((0, 0, 0, 0), 5.0)) == 1  # changed
-    assert wgrad_after(x, x, lambda: gc.conv2d_grad_input(x_shape, w, dy, **kw)) == 1
+    # the split-tap dgrad leaves the column matrix alone; the channel-first one takes its buffer
+    for split, expanded_again in ((True, 0), (False, 1)):
+        with monkeypatch.context() as m:
+            m.setattr(numpy_engine, "DGRAD_SPLIT_TAPS", lambda p: split)
+            assert wgrad_after(x, x, lambda: gc.conv2d_grad_input(x_shape, w, dy, **kw)) \
+                == expanded_again
     for small in (0, 10 ** 6):  # both wgrad orders reuse it
         monkeypatch.setattr(numpy_engine, "SMALL_WGRAD_ROWS", small)
         assert wgrad_after(x, x) == 0

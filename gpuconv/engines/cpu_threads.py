@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from . import cpu_memory
+
 MIN_ELEMENTS = 1 << 20  # per part: smaller ops run on the calling thread alone
 SPIN_S = 0.0  # seconds a worker (and the caller, for the parts) polls before blocking
 
@@ -252,7 +254,7 @@ def elementwise(fn, *arrays, dtype=None):
     split = parts(first.size, first.size)
     if split is None:
         return None
-    out = np.empty(first.shape, first.dtype if dtype is None else dtype)
+    out = cpu_memory.empty(first.shape, first.dtype if dtype is None else dtype)
     flat = [a.reshape(-1) for a in arrays + (out,)]
     run(lambda i, lo, hi: fn(*(a[lo:hi] for a in flat)), split)
     return out

@@ -19,6 +19,7 @@ from numpy.lib.stride_tricks import as_strided
 from .._arrays import memory_format
 from ..problem import ConvProblem, PoolProblem
 from ..problem import phase_taps as _phase_taps  # the one copy of the stride-phase arithmetic
+from . import cpu_memory as _mem
 from . import cpu_threads as _threads
 
 name = "numpy"
@@ -27,9 +28,26 @@ SCRATCH_KEEP_BYTES = 256 << 20
 # 32 would need 3.7 GB). Module attribute, so users and tests can change it.
 WORKSPACE_BYTES = 512 << 20
 SMALL_IM2COL = 1 << 18  # elements; below this im2col is one strided copy instead of one per tap
+# stride_h == 1 and a column matrix up to this size: im2col by column taps, then row taps
+# (_im2col_two_stage; 1.5-2.2x faster on LeNet's layers, 10-25% slower on large ones)
+IM2COL_TWO_STAGE_BYTES = 8 << 20
 # dgrad gathers by flat shifts over dy rows zero-padded up to this many times their width (see
 # _dgrad_channel_first; 1.4x on LeNet-5 conv2 measured 20% faster than 4-D slice adds)
 DGRAD_FRAME_WIDEN = 1.5
+def DGRAD_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchmarks replace)
+    """Stride-1 dgrad by _dgrad_split_taps instead of channel-first or gather-first: measured
+    faster (2 threads, this file's bench notes) where gather-first would run (ResNet-50's 3x3
+    at batch 8: 25.8 -> 20.0 ms) and for kernels of more than 9 taps (LeNet-5's conv(6->16, 5x5)
+    at batch 64: 2.9 -> 1.6 ms; AlexNet's 5x5: 31 -> 27 ms), not for channel-first 3x3 layers
+    (MNIST's conv(32->64): 9.1 vs 9.8 ms; gpuconv-train's small ones 0.58 vs 0.71 ms)."""
+    return p.R * p.S > 9 or p.C * p.P * p.Q >= p.K * p.H * p.W
+
+
+# From this many FLOPs a batch's GEMMs run as one call instead of one per image: OpenBLAS
+# threads one large call well and many medium ones badly (MNIST conv(32->64) dgrad's GEMMs on 2
+# threads: 3.4 ms as one call, 7.6 ms per image), while a small call that it threads costs a
+# worker wake-up (10-200 us on a 2-vCPU VM) that per-image calls under its threshold never pay.
+ONE_GEMM_FLOPS = 100e6
 SMALL_WGRAD_ROWS = 32  # Cg*R*S up to this: wgrad as per-image GEMMs summed (see _wgrad)
 _tls = threading.local()
 
@@ -81,9 +99,11 @@ def _scratch(slot, shape, dtype):
 
 def release_workspace():
     """Free this thread's reusable buffers (up to SCRATCH_KEEP_BYTES each for the column matrix,
-    the padded input and the transposed dy); the next large conv allocates them again."""
+    the padded input and the transposed dy) and the kept result buffers (cpu_memory); the next
+    large op allocates them again."""
     _tls.__dict__.pop("bufs", None)
     _tls.__dict__.pop("fprop_col", None)
+    _mem.release()
 
 
 # The column matrix of the last fprop, for the wgrad of the same layer: in a training step the
@@ -120,6 +140,8 @@ def _im2col(p: ConvProblem, x, slot="col"):
     """
     xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
     col = _scratch(slot, (p.groups, p.Cg, p.R, p.S, p.N, p.P, p.Q), x.dtype)
+    if p.stride_h == 1 and col.nbytes <= IM2COL_TWO_STAGE_BYTES:
+        return _im2col_two_stage(p, xp, col)
     if col.size <= SMALL_IM2COL:  # one strided copy: per-call overhead dominates small layers
         sN, sC, sH, sW = xp.strides
         np.copyto(col, as_strided(xp, shape=col.shape, writeable=False,
@@ -139,6 +161,29 @@ def _im2col(p: ConvProblem, x, slot="col"):
                 v = phases[a, b][:, :, i0:i0 + p.P, j0:j0 + p.Q]
             col[:, :, r, s] = v.reshape(p.N, p.groups, p.Cg, p.P, p.Q).transpose(1, 2, 0, 3, 4)
     return col.reshape(p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q)
+
+
+def _im2col_two_stage(p: ConvProblem, xp, col):
+    """_im2col for stride_h == 1 in two copies, so that most of the data moves in long rows:
+    first the S column taps, xs[c, s, n, h, q] = xp[n, c, h, s*dil_w + q*stride_w] (every padded
+    row h, rows of Q elements); then the R row taps, col[c, r, s, n, :, :] = xs[c, s, n, r*dil_h:
+    r*dil_h + P, :], which for stride 1 is one contiguous run of P*Q elements per (c, r, s, n).
+    The per-tap copies move N*C*R*S*P rows of Q elements (10-28 wide in LeNet and MNIST
+    layers, a few ns of loop overhead each); this moves N*C*S*Hp short rows and C*R*S*N long
+    ones, at the price of writing xs (1/R of col): a gain while col stays in the caches (LeNet
+    conv2 at batch 64, 3.8 MB: 0.94 -> 0.42 ms), a loss on large layers (MNIST conv2, 14 MB:
+    2.7 -> 3.2 ms; ResNet-50's 3x3 at batch 8: 7.1 -> 8.9 ms)."""
+    sN, sC, sH, sW = xp.strides
+    hp = xp.shape[2]
+    xs = _scratch("col_rows", (p.C, p.S, p.N, hp, p.Q), xp.dtype)
+    np.copyto(xs, as_strided(xp, shape=xs.shape, writeable=False,
+                             strides=(sC, sW * p.dil_w, sN, sH, sW * p.stride_w)))
+    tC, tS, tN, tH, _ = xs.strides
+    pq = p.P * p.Q
+    dst = col.reshape(p.C, p.R, p.S, p.N, pq)
+    np.copyto(dst, as_strided(xs, shape=dst.shape, writeable=False,
+                              strides=(tC, tH * p.dil_h, tS, tN, xs.itemsize)))
+    return col.reshape(p.groups, p.Cg * p.R * p.S, p.N * pq)
 
 
 def _is_pointwise(p: ConvProblem):
@@ -178,11 +223,11 @@ def _over_batch(p, op, elements, shape, dtype, one):
             one(q.with_batch(b - a), a0 + a, a0 + b, res[a:b])
         return res
 
+    res = _mem.empty(shape, dtype)  # (reused across steps: no page faults, see cpu_memory)
     split = _split(p, elements)
     if split is None:
         with _threads.serial(p.N):
-            return chunked(0, p.N, None)
-    res = np.empty(shape, dtype)
+            return chunked(0, p.N, res)
     _threads.run(lambda i, a, b: chunked(a, b, res[a:b]), split)
     return res
 
@@ -377,6 +422,8 @@ def _dgrad(p: ConvProblem, w, dy, out=None):
         dx.fill(0)
     if p.is_depthwise and p.Kg == 1:
         return _dgrad_depthwise(p, w, dy, ph_h, ph_w, dx)
+    if p.stride_h == p.stride_w == 1 and not p.is_depthwise and DGRAD_SPLIT_TAPS(p):
+        return _dgrad_split_taps(p, w, dy, dx)
     if p.is_depthwise:
         dyp = _pad(dy, lo_h, hi_h, lo_w, hi_w)
         gather = _dgrad_phase_depthwise
@@ -395,6 +442,50 @@ def _dgrad(p: ConvProblem, w, dy, out=None):
             else:
                 dx[:, :, h0::p.stride_h, w0::p.stride_w] = gather(
                     p, w6, dyp, taps_h, taps_w, n_i, n_j, lo_h, lo_w)
+    return dx
+
+
+def _dgrad_split_taps(p, w, dy, dx):
+    """Stride 1: the column taps go into the GEMM, the row taps are gathered after it.
+
+        dys[k, s', n, p, j] = dy[n, k, p, j + pad_w - (S-1-s')*dil_w]  (0 outside dy)
+        E[c, r, n, p, j] = sum_{k, s'} w[k, c, r, S-1-s'] * dys[k, s', n, p, j]
+        dx[n, c, h, j] = sum_r E[c, r, n, h + pad_h - r*dil_h, j]
+
+    dys is one strided copy of the width-padded dy (rows of W elements), the GEMM reduces over
+    Kg*S instead of Kg (one GEMM over the whole batch from ONE_GEMM_FLOPS on, see there), and the
+    gather is R shifted adds of whole row blocks instead of R*S adds of shifted planes with the
+    wrapping columns zeroed first. The intermediates are K*S and C*R rows of N*P*W instead of
+    one of C*R*S rows."""
+    left = max(0, (p.S - 1) * p.dil_w - p.pad_w)  # zero columns so every tap reads inside dyp
+    right = max(0, p.W + p.pad_w - p.Q)
+    dyp = _pad(dy, 0, 0, left, right)
+    sN, sK, sH, sW = dyp.strides
+    base = dyp[:, :, :, p.pad_w + left - (p.S - 1) * p.dil_w:]
+    wm = w.reshape(p.groups, p.Kg, p.Cg, p.R, p.S)[..., ::-1]  # s' = S-1-s
+    wm = np.ascontiguousarray(wm.transpose(0, 2, 3, 1, 4)).reshape(
+        p.groups, p.Cg * p.R, p.Kg * p.S)
+    pw = p.P * p.W
+    if 2 * p.C * p.R * p.K * p.S * p.N * pw >= ONE_GEMM_FLOPS:  # one GEMM per group
+        dys = _scratch("dgrad_dys", (p.K, p.S, p.N, p.P, p.W), dy.dtype)
+        strides = (sK, sW * p.dil_w, sN, sH, sW)
+        e = _scratch("dgrad_e", (p.groups, p.Cg * p.R, p.N * pw), dy.dtype)
+        np.copyto(dys, as_strided(base, shape=dys.shape, writeable=False, strides=strides))
+        np.matmul(wm, dys.reshape(p.groups, p.Kg * p.S, p.N * pw), out=e)
+        e = e.reshape(p.C, p.R, p.N, p.P, p.W).transpose(2, 0, 1, 3, 4)
+    else:  # one GEMM per image and group
+        dys = _scratch("dgrad_dys", (p.N, p.K, p.S, p.P, p.W), dy.dtype)
+        strides = (sN, sK, sW * p.dil_w, sH, sW)
+        e = _scratch("dgrad_e", (p.N, p.groups, p.Cg * p.R, pw), dy.dtype)
+        np.copyto(dys, as_strided(base, shape=dys.shape, writeable=False, strides=strides))
+        np.matmul(wm, dys.reshape(p.N, p.groups, p.Kg * p.S, pw), out=e)
+        e = e.reshape(p.N, p.C, p.R, p.P, p.W)
+    for r in range(p.R):  # e: an (N, C, R, P, W) view
+        h0 = max(0, r * p.dil_h - p.pad_h)
+        h1 = min(p.H, p.P + r * p.dil_h - p.pad_h)
+        if h0 < h1:
+            p0 = h0 + p.pad_h - r * p.dil_h
+            dx[:, :, h0:h1] += e[:, :, r, p0:p0 + h1 - h0]
     return dx
 
 
@@ -554,16 +645,22 @@ def _pool_taps_max(pp: PoolProblem, xp, x, out=None):
     taps = [xp[:, :, r * pp.dil_h:r * pp.dil_h + pp.stride_h * (pp.P - 1) + 1:pp.stride_h,
                s * pp.dil_w:s * pp.dil_w + pp.stride_w * (pp.Q - 1) + 1:pp.stride_w]
             for r in range(pp.R) for s in range(pp.S)]
+    plain = xp.flags.c_contiguous  # NCHW: results from cpu_memory, temporaries from _scratch
     if out is None:
-        y = taps[0].copy(order="K")
+        y = _mem.empty(taps[0].shape, xp.dtype) if plain else taps[0].copy(order="K")
+        if plain:
+            np.copyto(y, taps[0])
     else:
         y = out[0]
         np.copyto(y, taps[0])
-    k = np.zeros_like(y, np.int8 if len(taps) < 1 << 7 else
-                      np.int16 if len(taps) < 1 << 15 else np.int64)
-    won = np.empty_like(y, bool)
-    tk = np.empty_like(k)
-    has_nan = bool(np.isnan(x).any())
+    kt = (np.int8 if len(taps) < 1 << 7 else np.int16 if len(taps) < 1 << 15 else np.int64)
+    if plain:
+        k, won, tk = (_scratch(n, y.shape, d) for n, d in (("pool_k", kt), ("pool_won", bool),
+                                                             ("pool_tk", kt)))
+        k.fill(0)
+    else:
+        k, won, tk = np.zeros_like(y, kt), np.empty_like(y, bool), np.empty_like(y, kt)
+    has_nan = x.size > 0 and bool(np.isnan(x.max()))  # max carries NaN: no bool temporary
     for t, v in enumerate(taps[1:], start=1):
         np.greater(v, y, out=won)
         if has_nan:
@@ -580,7 +677,8 @@ def _pool_taps_max(pp: PoolProblem, xp, x, out=None):
         kr, ks = np.right_shift(k, shift), np.bitwise_and(k, k.dtype.type(pp.S - 1))
     else:
         kr, ks = np.divmod(k, k.dtype.type(pp.S))
-    idx = np.multiply(kr, pp.dil_h * pp.W, dtype=np.int64, out=None if out is None else out[1])
+    idx = np.multiply(kr, pp.dil_h * pp.W, dtype=np.int64, out=out[1] if out is not None else
+                      _mem.empty(y.shape, np.int64) if plain else None)
     idx += np.multiply(ks, pp.dil_w, dtype=np.int64) if pp.dil_w != 1 else ks
     idx += origin
     padded = pp.pad_h or pp.pad_w or pp.pad_h_end or pp.pad_w_end
@@ -623,10 +721,12 @@ def pool_dgrad(pp: PoolProblem, dy, idx):
 def _pool_dgrad(pp, dy, idx, out=None):
     nc = pp.N * pp.C
     plane = pp.H * pp.W
-    flat = (idx.reshape(nc, -1) + (np.arange(nc) * plane)[:, None]).ravel()
+    flat = _scratch("pool_flat", (nc, pp.P * pp.Q), np.int64)
+    np.add(idx.reshape(nc, -1), (np.arange(nc) * plane)[:, None], out=flat)
+    flat = flat.reshape(-1)
     if pp.stride_h > pp.dil_h * (pp.R - 1) and pp.stride_w > pp.dil_w * (pp.S - 1):
         if out is None:
-            dx = np.zeros(nc * plane, dy.dtype)
+            dx = _mem.zeros(nc * plane, dy.dtype)
         else:
             dx = out.reshape(-1)
             dx.fill(0)
@@ -648,7 +748,9 @@ def act_fprop(kind, x, alpha=None):
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         if kind == "relu":
             y = _threads.elementwise(lambda a, out: np.maximum(a, 0, out=out), x)
-            return np.maximum(x, 0, dtype=x.dtype) if y is None else y  # NaN propagates
+            if y is None:  # NaN propagates
+                y = np.maximum(x, 0, dtype=x.dtype, out=_result_like(x))
+            return y
         if kind == "leaky_relu":
             return np.where(x > 0, x, x * x.dtype.type(alpha))
         if kind == "sigmoid":
@@ -683,10 +785,20 @@ def act_dgrad(kind, x, y, dy, alpha=None):
     raise ValueError(f"unknown activation {kind!r}")
 
 
+def _result_like(a):
+    """A reused buffer (cpu_memory) for a C-contiguous result of a's shape and dtype, or None
+    (the ufunc then allocates, following a's memory layout)."""
+    return _mem.empty(a.shape, a.dtype) if a.flags.c_contiguous else None
+
+
 def _relu_dgrad(x, dy, out=None):
     # dy * ~(x <= 0): a multiply by the bool mask runs ~12x faster than np.where here (0.4
-    # vs 5.8 ms on 64x32x28x28 float32). Only a non-finite dy where x <= 0 would differ
-    # (inf * 0 = NaN where PyTorch gives 0), so that rare case takes np.where.
+    # vs 5.8 ms on 64x32x28x28 float32; np.where mispredicts a random mask). Casting the mask to
+    # float32 first and multiplying same-typed arrays was no faster (one more pass over memory).
+    # Only a non-finite dy where x <= 0 would differ (inf * 0 = NaN where PyTorch gives 0), so
+    # that rare case takes np.where.
+    if out is None and x.flags.c_contiguous:
+        out = _result_like(dy)
     mask = np.less_equal(x, 0)
     np.logical_not(mask, out=mask)
     with np.errstate(invalid="ignore"):
