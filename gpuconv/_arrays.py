@@ -17,6 +17,7 @@ CPU_DTYPES = ("float32", "float64")
 # would have to upcast them to float32 for every GEMM and round back -- honest, but a silent
 # 2-4x memory and time cost the user did not ask for -- so a CPU array of either is a TypeError.
 GPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_CPU_DTYPE_SET = frozenset(np.dtype(n) for n in CPU_DTYPES)  # (dtype.name costs ~2 us a call)
 
 
 def is_cupy_array(a) -> bool:
@@ -60,7 +61,7 @@ def check_arrays(names_arrays, *, ndim=None):
     for name, a in present:
         if ndim and name in ndim and a.ndim != ndim[name]:
             raise ValueError(f"{name} must be a {ndim[name]}-D array, got shape {a.shape}")
-        if a.dtype.name not in allowed:
+        if (a.dtype not in _CPU_DTYPE_SET) if xp is np else (a.dtype.name not in allowed):
             where = ("on the GPU" if xp is not np else
                      "on the CPU (float16 and bfloat16 run on the GPU only: move the arrays "
                      "with cupy.asarray, or cast them with .astype(numpy.float32))")

@@ -221,6 +221,9 @@ def _add_grad(param, compute):
         param.grad += compute()
 
 
+_STATE = frozenset(("_cache", "_forwards", "_used", "_format"))
+
+
 class Module:
     """Base class: registers Parameters, buffers and sub-Modules assigned as attributes, in order.
 
@@ -248,6 +251,9 @@ class Module:
         object.__setattr__(self, "_used", False)  # backward has used the last forward
 
     def __setattr__(self, name, value):
+        if name in _STATE:  # forward's bookkeeping (every training step): never registered
+            object.__setattr__(self, name, value)
+            return
         if "_params" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                "before assigning attributes")

@@ -112,6 +112,11 @@ class ConvProblem:
         ``padding`` is an int, an (h, w) pair, ``'valid'`` (0) or ``'same'`` (stride 1 only;
         output size equals input size, the odd extra pad at the bottom/right as in PyTorch).
         """
+        return _memo(cls, cls._from_args, input_shape, weight_shape, stride, padding, dilation,
+                     groups)
+
+    @classmethod
+    def _from_args(cls, input_shape, weight_shape, stride, padding, dilation, groups):
         N, C, H, W = _shape(input_shape, "input", 4, batch=True)
         K, Cg, R, S = _shape(weight_shape, "weight", 4)
         stride_h, stride_w = _pair(stride, "stride")
@@ -241,6 +246,34 @@ class ConvProblem:
         return s + f" dil{self.dil_h}x{self.dil_w} g{self.groups} -> P{self.P} Q{self.Q}"
 
 
+_MEMO: dict = {}
+_MEMO_MAX = 4096
+
+
+def _plain(v):
+    """An argument the memo may key on (with its type: True and 1 are different keys): a Python
+    int, bool, str or None, or a tuple of ints (floats, NumPy scalars and other sequences take
+    the validating path every time, so they still raise)."""
+    t = type(v)
+    return t is int or t is bool or t is str or v is None or (
+        t is tuple and all(type(e) is int for e in v))
+
+
+def _memo(cls, build, *args):
+    """build(*args), memoised for plain arguments: the problems are immutable, and validating
+    them took 15-45 us a call, ~0.3 ms of a small model's training step."""
+    if not all(_plain(a) for a in args):
+        return build(*args)
+    key = (cls,) + tuple((type(a), a) for a in args)
+    p = _MEMO.get(key)
+    if p is None:
+        p = build(*args)  # raises on bad arguments: nothing is stored
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[key] = p
+    return p
+
+
 @dataclass(frozen=True)
 class PoolProblem:
     """A validated 2-D max-pooling problem with PyTorch's semantics (padding is -inf)."""
@@ -262,6 +295,11 @@ class PoolProblem:
     @classmethod
     def from_args(cls, input_shape, kernel_size, stride=None, padding=0, dilation=1,
                   ceil_mode=False):
+        return _memo(cls, cls._from_args, input_shape, kernel_size, stride, padding, dilation,
+                     ceil_mode)
+
+    @classmethod
+    def _from_args(cls, input_shape, kernel_size, stride, padding, dilation, ceil_mode):
         N, C, H, W = _shape(input_shape, "input", 4, batch=True)
         R, S = _pair(kernel_size, "kernel_size")
         sh, sw = _pair(kernel_size if stride is None else stride, "stride")
@@ -288,11 +326,11 @@ class PoolProblem:
             out -= 1
         return out
 
-    @property
+    @cached_property  # (read several times per op)
     def P(self) -> int:
         return self._out(self.H, self.R, self.stride_h, self.pad_h, self.dil_h, self.ceil_mode)
 
-    @property
+    @cached_property  # (read several times per op)
     def Q(self) -> int:
         return self._out(self.W, self.S, self.stride_w, self.pad_w, self.dil_w, self.ceil_mode)
 
@@ -304,13 +342,13 @@ class PoolProblem:
     def y_shape(self):
         return (self.N, self.C, self.P, self.Q)
 
-    @property
+    @cached_property  # (read several times per op)
     def pad_h_end(self) -> int:
         """Rows of -inf needed below the input so that every window lies inside the array."""
         return max(0, (self.P - 1) * self.stride_h + self.dil_h * (self.R - 1) + 1
                    - self.H - self.pad_h)
 
-    @property
+    @cached_property  # (read several times per op)
     def pad_w_end(self) -> int:
         return max(0, (self.Q - 1) * self.stride_w + self.dil_w * (self.S - 1) + 1
                    - self.W - self.pad_w)

@@ -17,6 +17,7 @@ wrappers made with NumPy), so a buffer nothing refers to but this cache is free.
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -61,10 +62,9 @@ _USABLE = _calibrate()
 def empty(shape, dtype):
     """A C-contiguous array of `shape` and `dtype` with undefined contents, like np.empty."""
     dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in shape) if np.ndim(shape) else (int(shape),)
-    nbytes = dtype.itemsize
-    for s in shape:
-        nbytes *= s
+    if type(shape) is not tuple:
+        shape = tuple(shape) if isinstance(shape, (list, tuple)) else (shape,)
+    nbytes = dtype.itemsize * math.prod(shape)
     if nbytes < MIN_BYTES or not _USABLE or KEEP_BYTES <= 0:
         return np.empty(shape, dtype)
     global _kept

@@ -11,6 +11,7 @@ Inputs are validated by the caller (gpuconv.functional); they may be non-contigu
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 
 import numpy as np
@@ -34,6 +35,7 @@ IM2COL_TWO_STAGE_BYTES = 8 << 20
 # dgrad gathers by flat shifts over dy rows zero-padded up to this many times their width (see
 # _dgrad_channel_first; 1.4x on LeNet-5 conv2 measured 20% faster than 4-D slice adds)
 DGRAD_FRAME_WIDEN = 1.5
+POOL_STACK_TAPS = True  # max-pool forward copies its window taps into one stack first
 def DGRAD_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchmarks replace)
     """Stride-1 dgrad by _dgrad_split_taps instead of channel-first or gather-first: measured
     faster (2 threads, this file's bench notes) where gather-first would run (ResNet-50's 3x3
@@ -85,7 +87,8 @@ def _scratch(slot, shape, dtype):
     ms per 100 MB, ~10% of a VGG conv3_1 fprop), so column matrices reuse one buffer per slot.
     Buffers above SCRATCH_KEEP_BYTES are not kept.
     """
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize  # (np.prod of a tuple costs ~5 us a call)
     gens = _tls.__dict__.setdefault("gens", {})
     gens[slot] = gens.get(slot, 0) + 1  # every hand-out may overwrite what the slot held
     if nbytes > SCRATCH_KEEP_BYTES:
@@ -646,6 +649,16 @@ def _pool_taps_max(pp: PoolProblem, xp, x, out=None):
                s * pp.dil_w:s * pp.dil_w + pp.stride_w * (pp.Q - 1) + 1:pp.stride_w]
             for r in range(pp.R) for s in range(pp.S)]
     plain = xp.flags.c_contiguous  # NCHW: results from cpu_memory, temporaries from _scratch
+    if plain and POOL_STACK_TAPS:
+        # All taps in one strided copy, (R*S, N, C, P, Q): every pass below then runs over
+        # contiguous memory instead of rows of Q strided elements (the ufunc loop's per-row
+        # cost dominated small planes: a 2x2 pool of 32x32x4x4 took 185 us, 12 us a pass).
+        sN, sC, sH, sW = xp.strides
+        stack = _scratch("pool_taps", (len(taps),) + taps[0].shape, xp.dtype)
+        np.copyto(stack.reshape((pp.R, pp.S) + taps[0].shape), as_strided(
+            xp, shape=(pp.R, pp.S) + taps[0].shape, writeable=False,
+            strides=(sH * pp.dil_h, sW * pp.dil_w, sN, sC, sH * pp.stride_h, sW * pp.stride_w)))
+        taps = list(stack)
     if out is None:
         y = _mem.empty(taps[0].shape, xp.dtype) if plain else taps[0].copy(order="K")
         if plain:
