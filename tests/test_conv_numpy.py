@@ -264,37 +264,38 @@ _FLAT_SHIFT_CASES = [
 ]
 
 
+def _assert_dgrad_path(monkeypatch, path, split_taps, case, seed):
+    """dgrad of `case` against naive loops with DGRAD_SPLIT_TAPS forced, and numpy_engine's
+    function `path` proven called."""
+    from gpuconv.engines import numpy_engine
+    taken = []
+    real = getattr(numpy_engine, path)
+    monkeypatch.setattr(numpy_engine, "DGRAD_SPLIT_TAPS", lambda p: split_taps)
+    monkeypatch.setattr(numpy_engine, path, lambda *a: taken.append(1) or real(*a))
+    _assert_matches_naive(*case, seed=seed, ops=("dgrad",))
+    assert taken
+
+
 @pytest.mark.parametrize("x_shape,w_shape,kw", _FLAT_SHIFT_CASES)
 def test_stride1_same_size_dgrad_flat_shift_gather(x_shape, w_shape, kw, monkeypatch):
     """Stride 1 with dx rows as wide as dy's, or up to 1.5x wider (dy rows zero-padded), gathers
     the channel-first taps as shifted adds over flattened planes, zeroing the columns a shift
     would wrap: checked against naive loops, with the path proven taken."""
-    from gpuconv.engines import numpy_engine
-    taken = []
-    real = numpy_engine._gather_flat_shifts
-    monkeypatch.setattr(numpy_engine, "DGRAD_SPLIT_TAPS", lambda p: False)
-    monkeypatch.setattr(numpy_engine, "_gather_flat_shifts",
-                        lambda *a: taken.append(1) or real(*a))
-    _assert_matches_naive(x_shape, w_shape, kw, seed=15, ops=("dgrad",))
-    assert taken
+    _assert_dgrad_path(monkeypatch, "_gather_flat_shifts", False, (x_shape, w_shape, kw), 15)
 
 
 @pytest.mark.parametrize("x_shape,w_shape,kw", _FLAT_SHIFT_CASES + [
     ((2, 3, 7, 5), (4, 3, 3, 2), dict(padding=(2, 0), dilation=(1, 3))),
     ((1, 6, 5, 5), (4, 3, 2, 2), dict(padding=(1, 1), groups=2)),
 ])
-def test_stride1_dgrad_split_taps(x_shape, w_shape, kw, monkeypatch):
+@pytest.mark.parametrize("one_gemm_flops", [0, float("inf")])  # one GEMM / per image
+def test_stride1_dgrad_split_taps(x_shape, w_shape, kw, one_gemm_flops, monkeypatch):
     """Stride-1 dgrad with the column taps in the GEMM and the row taps gathered after it, on
-    the flat-shift cases (padding wider than the input included) and with dilation and groups:
-    checked against naive loops, with the path proven taken."""
+    the flat-shift cases (padding wider than the input included) and with dilation and groups,
+    in both GEMM layouts: checked against naive loops, with the path proven taken."""
     from gpuconv.engines import numpy_engine
-    taken = []
-    real = numpy_engine._dgrad_split_taps
-    monkeypatch.setattr(numpy_engine, "DGRAD_SPLIT_TAPS", lambda p: True)
-    monkeypatch.setattr(numpy_engine, "_dgrad_split_taps",
-                        lambda *a: taken.append(1) or real(*a))
-    _assert_matches_naive(x_shape, w_shape, kw, seed=17, ops=("dgrad",))
-    assert taken
+    monkeypatch.setattr(numpy_engine, "ONE_GEMM_FLOPS", one_gemm_flops)
+    _assert_dgrad_path(monkeypatch, "_dgrad_split_taps", True, (x_shape, w_shape, kw), 17)
 
 
 @pytest.mark.parametrize("case", PROBLEMS, ids=IDS)

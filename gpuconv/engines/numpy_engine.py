@@ -36,6 +36,8 @@ IM2COL_TWO_STAGE_BYTES = 8 << 20
 # _dgrad_channel_first; 1.4x on LeNet-5 conv2 measured 20% faster than 4-D slice adds)
 DGRAD_FRAME_WIDEN = 1.5
 POOL_STACK_TAPS = True  # max-pool forward copies its window taps into one stack first
+
+
 def DGRAD_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchmarks replace)
     """Stride-1 dgrad by _dgrad_split_taps instead of channel-first or gather-first: measured
     faster (2 threads, this file's bench notes) where gather-first would run (ResNet-50's 3x3
@@ -213,18 +215,17 @@ def _split(p, elements):
 
 def _over_batch(p, op, elements, shape, dtype, one):
     """The result of an op whose images are independent, `shape` (batch first): one(q, a, b,
-    out) computes images [a, b) (q = p.with_batch(b - a)) into `out`, their slice of the result
-    (or returns a new array when out is None). The batch is split over the thread pool
-    (cpu_threads) and, inside each part, into column-matrix chunks (_batch_chunks)."""
+    out) computes images [a, b) (q = p.with_batch(b - a)) into `out`, their slice of the result.
+    The batch is split over the thread pool (cpu_threads) and, inside each part, into
+    column-matrix chunks (_batch_chunks)."""
     def chunked(a0, b0, out):
         q = p.with_batch(b0 - a0)
         chunks = _batch_chunks(q, op, np.dtype(dtype).itemsize)
         if len(chunks) == 1:
             return one(q, a0, b0, out)
-        res = np.empty((b0 - a0,) + tuple(shape[1:]), dtype) if out is None else out
         for a, b in chunks:
-            one(q.with_batch(b - a), a0 + a, a0 + b, res[a:b])
-        return res
+            one(q.with_batch(b - a), a0 + a, a0 + b, out[a:b])
+        return out
 
     res = _mem.empty(shape, dtype)  # (reused across steps: no page faults, see cpu_memory)
     split = _split(p, elements)
@@ -469,20 +470,21 @@ def _dgrad_split_taps(p, w, dy, dx):
     wm = np.ascontiguousarray(wm.transpose(0, 2, 3, 1, 4)).reshape(
         p.groups, p.Cg * p.R, p.Kg * p.S)
     pw = p.P * p.W
-    if 2 * p.C * p.R * p.K * p.S * p.N * pw >= ONE_GEMM_FLOPS:  # one GEMM per group
+    one_gemm = 2 * p.C * p.R * p.K * p.S * p.N * pw >= ONE_GEMM_FLOPS
+    if one_gemm:  # one GEMM per group: dys (K, S, N, P, W), e (C, R, N, P, W)
         dys = _scratch("dgrad_dys", (p.K, p.S, p.N, p.P, p.W), dy.dtype)
         strides = (sK, sW * p.dil_w, sN, sH, sW)
+        rhs = dys.reshape(p.groups, p.Kg * p.S, p.N * pw)
         e = _scratch("dgrad_e", (p.groups, p.Cg * p.R, p.N * pw), dy.dtype)
-        np.copyto(dys, as_strided(base, shape=dys.shape, writeable=False, strides=strides))
-        np.matmul(wm, dys.reshape(p.groups, p.Kg * p.S, p.N * pw), out=e)
-        e = e.reshape(p.C, p.R, p.N, p.P, p.W).transpose(2, 0, 1, 3, 4)
-    else:  # one GEMM per image and group
+    else:  # one GEMM per image and group: dys (N, K, S, P, W), e (N, C, R, P, W)
         dys = _scratch("dgrad_dys", (p.N, p.K, p.S, p.P, p.W), dy.dtype)
         strides = (sN, sK, sW * p.dil_w, sH, sW)
+        rhs = dys.reshape(p.N, p.groups, p.Kg * p.S, pw)
         e = _scratch("dgrad_e", (p.N, p.groups, p.Cg * p.R, pw), dy.dtype)
-        np.copyto(dys, as_strided(base, shape=dys.shape, writeable=False, strides=strides))
-        np.matmul(wm, dys.reshape(p.N, p.groups, p.Kg * p.S, pw), out=e)
-        e = e.reshape(p.N, p.C, p.R, p.P, p.W)
+    np.copyto(dys, as_strided(base, shape=dys.shape, writeable=False, strides=strides))
+    np.matmul(wm, rhs, out=e)
+    e = (e.reshape(p.C, p.R, p.N, p.P, p.W).transpose(2, 0, 1, 3, 4) if one_gemm else
+         e.reshape(p.N, p.C, p.R, p.P, p.W))
     for r in range(p.R):  # e: an (N, C, R, P, W) view
         h0 = max(0, r * p.dil_h - p.pad_h)
         h1 = min(p.H, p.P + r * p.dil_h - p.pad_h)
@@ -659,13 +661,9 @@ def _pool_taps_max(pp: PoolProblem, xp, x, out=None):
             xp, shape=(pp.R, pp.S) + taps[0].shape, writeable=False,
             strides=(sH * pp.dil_h, sW * pp.dil_w, sN, sC, sH * pp.stride_h, sW * pp.stride_w)))
         taps = list(stack)
-    if out is None:
-        y = _mem.empty(taps[0].shape, xp.dtype) if plain else taps[0].copy(order="K")
-        if plain:
-            np.copyto(y, taps[0])
-    else:
-        y = out[0]
-        np.copyto(y, taps[0])
+    y = (out[0] if out is not None else _mem.empty(taps[0].shape, xp.dtype) if plain else
+         np.empty_like(taps[0], order="K"))
+    np.copyto(y, taps[0])
     kt = (np.int8 if len(taps) < 1 << 7 else np.int16 if len(taps) < 1 << 15 else np.int64)
     if plain:
         k, won, tk = (_scratch(n, y.shape, d) for n, d in (("pool_k", kt), ("pool_won", bool),
