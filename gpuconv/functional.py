@@ -141,7 +141,9 @@ def conv2d_grad_weight(input, weight_shape, grad_output, stride=1, padding=0, di
 
 def conv2d_grad_bias(grad_output):
     """dL/db = grad_output summed over N, P and Q."""
-    check_arrays([("grad_output", grad_output)], ndim={"grad_output": 4})
+    xp = check_arrays([("grad_output", grad_output)], ndim={"grad_output": 4})
+    if xp is np:
+        return engine_for(np).bias_grad(grad_output)
     return grad_output.sum(axis=(0, 2, 3))
 
 

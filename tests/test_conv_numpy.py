@@ -349,3 +349,23 @@ def test_wgrad_reuses_the_fprop_column_matrix_only_when_still_valid(monkeypatch)
     expanded.clear()
     gc.conv2d_grad_weight(x, w_shape, dy, **kw)
     assert len(expanded) == 1
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grad_bias_every_layout_matches_float64_sum(layout, dtype):
+    rng = np.random.default_rng(11)
+    dy64 = rng.standard_normal((5, 7, 6, 9))
+    if layout == "nhwc":
+        dy = np.ascontiguousarray(dy64.transpose(0, 2, 3, 1)).astype(dtype).transpose(0, 3, 1, 2)
+    elif layout == "strided":
+        dy = np.repeat(dy64, 2, axis=3).astype(dtype)[:, :, :, ::2]
+    else:
+        dy = dy64.astype(dtype)
+    want = dy.astype(np.float64).sum(axis=(0, 2, 3))
+    got = gc.conv2d_grad_bias(dy)
+    assert got.shape == (7,) and got.dtype == dtype
+    tol = {np.float64: 1e-12, np.float32: 1e-5}[dtype]
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
+    np.testing.assert_array_equal(got, gc.conv2d_grad_bias(dy))  # same bits run to run
+    assert gc.conv2d_grad_bias(dy[:0]).tolist() == [0.0] * 7
