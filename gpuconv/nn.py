@@ -35,6 +35,7 @@ from ._arrays import (CPU_DTYPES, GPU_DTYPES, check_arrays, check_shape, is_cupy
                       memory_format, to_format)
 from .device import device_of, get_array_module, parse_device, to_device
 from .engines import cpu_threads as _cpu_threads
+from .engines import numpy_engine as _numpy_engine
 from .problem import ConvProblem, PoolProblem, _pair
 
 __all__ = [
@@ -575,7 +576,11 @@ class Conv2d(Module):
 
     def forward(self, x):
         b = self.bias.data if self.bias is not None else None
-        y = F.conv2d(x, self.weight.data, b, **self._args())
+        if self.training and _GRAD_MODE.enabled and self.weight.requires_grad:
+            with _numpy_engine.keep_columns():  # its wgrad follows: reuse the column matrix
+                y = F.conv2d(x, self.weight.data, b, **self._args())
+        else:
+            y = F.conv2d(x, self.weight.data, b, **self._args())
         self._keep(x)
         self._format = memory_format(y)
         return y

@@ -308,10 +308,43 @@ def test_both_wgrad_orders_match_naive(case, rows, monkeypatch):
     _assert_matches_naive(x_shape, w_shape, kw, seed=16, ops=("wgrad",))
 
 
-def test_wgrad_reuses_the_fprop_column_matrix_only_when_still_valid(monkeypatch):
-    """The last fprop's column matrix serves the same layer's wgrad, but never after the input
-    changed in place, for another input of the same shape, or once another op took the buffer."""
+@pytest.mark.parametrize("case", [c for c in PROBLEMS if c[3].get("stride", 1) in (1, (1, 2))],
+                         ids=[c[0] for c in PROBLEMS if c[3].get("stride", 1) in (1, (1, 2))])
+@pytest.mark.parametrize("one_gemm_flops", [0, float("inf")])  # one GEMM / per image
+def test_fprop_split_taps_matches_naive(case, one_gemm_flops, monkeypatch):
+    """Row-stride-1 fprop with the column taps in the GEMM and the row taps gathered after it,
+    in both GEMM layouts, with bias: checked against naive loops, the path proven taken
+    (depthwise and pointwise layers have their own paths and never take it)."""
     from gpuconv.engines import numpy_engine
+    name, x_shape, w_shape, kw = case
+    taken = []
+    real = numpy_engine._fprop_split_taps
+    monkeypatch.setattr(numpy_engine, "ONE_GEMM_FLOPS", one_gemm_flops)
+    monkeypatch.setattr(numpy_engine, "FPROP_SPLIT_TAPS", lambda p: True)
+    monkeypatch.setattr(numpy_engine, "_fprop_split_taps",
+                        lambda *a: taken.append(1) or real(*a))
+    _assert_matches_naive(x_shape, w_shape, kw, seed=18, ops=("fprop",))
+    assert bool(taken) == (not name.startswith(("depthwise", "pointwise")))
+
+
+@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
+@pytest.mark.parametrize("one_gemm", [True, False])
+def test_fprop_one_gemm_and_per_image_match_naive(case, one_gemm, monkeypatch):
+    """im2col fprop as one GEMM over the batch (then a transposing copy that adds the bias) and
+    as one GEMM per image, against naive loops."""
+    from gpuconv.engines import numpy_engine
+    monkeypatch.setattr(numpy_engine, "FPROP_SPLIT_TAPS", lambda p: False)
+    monkeypatch.setattr(numpy_engine, "FPROP_ONE_GEMM", lambda p: one_gemm)
+    _, x_shape, w_shape, kw = case
+    _assert_matches_naive(x_shape, w_shape, kw, seed=19, ops=("fprop",))
+
+
+def test_wgrad_reuses_the_fprop_column_matrix_only_when_still_valid(monkeypatch):
+    """The last fprop's column matrix serves the same layer's wgrad when the forward ran inside
+    keep_columns (as gpuconv.nn's training forwards do), but never after the input changed in
+    place, for another input of the same shape, or once another op took the buffer."""
+    from gpuconv.engines import numpy_engine
+    monkeypatch.setattr(numpy_engine, "FPROP_SPLIT_TAPS", lambda p: False)  # im2col's fprop
     rng = np.random.default_rng(17)
     x_shape, w_shape, kw = (2, 3, 9, 8), (4, 3, 3, 3), dict(padding=1)
     p = _problem(x_shape, w_shape, kw)
@@ -322,8 +355,12 @@ def test_wgrad_reuses_the_fprop_column_matrix_only_when_still_valid(monkeypatch)
     real = numpy_engine._im2col
     monkeypatch.setattr(numpy_engine, "_im2col", lambda *a: expanded.append(1) or real(*a))
 
-    def wgrad_after(fprop_input, wgrad_input, between=None):
-        gc.conv2d(fprop_input, w, **kw)
+    def wgrad_after(fprop_input, wgrad_input, between=None, keep=True):
+        if keep:
+            with numpy_engine.keep_columns():
+                gc.conv2d(fprop_input, w, **kw)
+        else:
+            gc.conv2d(fprop_input, w, **kw)
         if between:
             between()
         expanded.clear()
@@ -333,6 +370,7 @@ def test_wgrad_reuses_the_fprop_column_matrix_only_when_still_valid(monkeypatch)
         return len(expanded)
 
     assert wgrad_after(x, x) == 0                       # reused
+    assert wgrad_after(x, x, keep=False) == 1           # a forward outside keep_columns
     assert wgrad_after(x2, x) == 1                      # another input of the same shape
     xm = x.copy()
     assert wgrad_after(xm, xm, lambda: xm.__setitem__((0, 0, 0, 0), 5.0)) == 1  # changed

@@ -97,6 +97,14 @@ def _blas_controllers():
     return _blas
 
 
+def blas_threads():
+    """The threads one BLAS call of this thread runs on now: 1 inside a pool part or a serial()
+    block (see there), or without a BLAS threadpoolctl can see."""
+    if getattr(_state, "busy", False):
+        return 1
+    return max((c.get_num_threads() for c in _blas_controllers()), default=1)
+
+
 def _get(q):
     if SPIN_S > 0:
         end = time.perf_counter() + SPIN_S

@@ -52,6 +52,32 @@ def DGRAD_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchma
 # threads: 3.4 ms as one call, 7.6 ms per image), while a small call that it threads costs a
 # worker wake-up (10-200 us on a 2-vCPU VM) that per-image calls under its threshold never pay.
 ONE_GEMM_FLOPS = 100e6
+
+
+def FPROP_ONE_GEMM(p):  # noqa: N802  (a module-level switch tests and benchmarks replace)
+    """fprop as one GEMM over the batch, W (Kg, Cg*R*S) @ col (Cg*R*S, N*P*Q) per group, and
+    a transposing copy into NCHW that adds the bias, instead of one GEMM per image: when the
+    BLAS threads a call (>= 2 threads), one large call keeps both cores busy where per-image
+    calls are too small for it to thread well. Worth its extra pass over y only where the GEMM
+    does much work per output, a reduction of >= 256 (2 threads, whole training steps: MNIST's
+    conv(32->64, 3x3), 288: 34.8 -> 32.0 ms a step; ResNet-50's 3x3 on 64 channels at batch 8:
+    17.9 -> 17.3 ms an op); not at 144-150 (gpuconv-train's conv2: 1.76 -> 1.89 ms a step;
+    LeNet-5's conv2 even) nor for the 7x7 stem's 147 (19.9 -> 21.1 ms an op)."""
+    return p.Cg * p.R * p.S >= 256 and _threads.blas_threads() >= 2
+
+
+
+
+def FPROP_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchmarks replace)
+    """Row-stride-1 fprop by _fprop_split_taps instead of im2col where its GEMM output (K*R rows
+    of N*Hp*Q) is at most half the column matrix (C*R*S rows of N*P*Q), i.e. about K <= C*S/2:
+    2 threads, batch 8, ResNet-50's 3x3 on 64 channels (0.35 of it) 18.7 -> 15.4 ms; at 0.69-0.76
+    it lost or tied (AlexNet's conv2 24.9 -> 25.9 ms, VGG-16's conv3_1 99 -> 94 ms, MNIST's
+    conv(32->64) at batch 64 5.9 -> 7.0 ms)."""
+    return (p.stride_h == 1 and p.R > 1
+            and 2 * p.K * (p.H + p.pad_h + p.pad_h_end) <= p.C * p.S * p.P)
+
+
 SMALL_WGRAD_ROWS = 32  # Cg*R*S up to this: wgrad as per-image GEMMs summed (see _wgrad)
 _tls = threading.local()
 
@@ -117,6 +143,22 @@ def release_workspace():
 # slot still holds it (nothing else took the slot since), for the same problem, and when the
 # input equals a snapshot taken at fprop (a copy and a compare: 2 passes over x instead of an
 # R*S-times larger im2col), so an input changed in place in between is expanded again.
+class keep_columns:  # noqa: N801  (a context manager, named like contextlib's)
+    """Inside the block, this thread's im2col fprops keep their column matrix for the same
+    layer's wgrad (above). gpuconv.nn's Conv2d enters it for a training forward whose weight
+    gradient will follow; a bare functional conv2d (inference, a per-op benchmark) does not pay
+    for the input snapshot (ResNet-50's 7x7 stem at batch 8: 1.6 of 19 ms) it will not use."""
+
+    __slots__ = ("prev",)
+
+    def __enter__(self):
+        self.prev = getattr(_tls, "keep_col", False)
+        _tls.keep_col = True
+
+    def __exit__(self, *exc):
+        _tls.keep_col = self.prev
+
+
 def _remember_col(p, x, col):
     if col.nbytes > SCRATCH_KEEP_BYTES:  # not a kept slot buffer: do not hold it alive
         _tls.__dict__.pop("fprop_col", None)
@@ -239,8 +281,9 @@ def _over_batch(p, op, elements, shape, dtype, one):
 def conv_fprop(p: ConvProblem, x, w, bias=None):
     if memory_format(x) == "nhwc":  # channels_last: numpy_nhwc computes on its NHWC memory
         return _nhwc.conv_fprop(p, x, w, bias)
+    keep = getattr(_tls, "keep_col", False)  # (read here: the parts may run on pool threads)
     return _over_batch(p, "fprop", p.im2col_elements() + p.N * p.K * p.P * p.Q, p.y_shape,
-                       x.dtype, lambda q, a, b, out: _fprop(q, x[a:b], w, bias, out))
+                       x.dtype, lambda q, a, b, out: _fprop(q, x[a:b], w, bias, out, keep))
 
 
 def conv_dgrad(p: ConvProblem, w, dy):
@@ -280,8 +323,9 @@ def _wgrad_chunked(p, x, dy):
 # ---------------------------------------------------------------------------------------------
 # fprop: y = conv(x, w) + b
 # ---------------------------------------------------------------------------------------------
-def _fprop(p: ConvProblem, x, w, bias=None, out=None):
-    """y = conv(x, w) + bias, into `out` (C-contiguous, y's shape) when given."""
+def _fprop(p: ConvProblem, x, w, bias=None, out=None, keep=False):
+    """y = conv(x, w) + bias, into `out` (C-contiguous, y's shape) when given; keep: remember
+    the column matrix for wgrad (keep_columns)."""
     if p.is_depthwise:
         return _fprop_depthwise(p, x, w, bias, out)
     wg = w.reshape(p.groups, p.Kg, p.Cg * p.R * p.S)
@@ -294,10 +338,22 @@ def _fprop(p: ConvProblem, x, w, bias=None, out=None):
         if bias is not None:
             y += bias.reshape(1, p.K, 1, 1)
         return y
-    col = _im2col(p, x)
-    _remember_col(p, x, col)
     y = (np.empty((p.N, p.groups, p.Kg, p.P * p.Q), dtype=x.dtype) if out is None else
          out.reshape(p.N, p.groups, p.Kg, p.P * p.Q))
+    if FPROP_SPLIT_TAPS(p):
+        return _fprop_split_taps(p, x, w, bias, y.reshape(p.y_shape))
+    col = _im2col(p, x)
+    if keep:
+        _remember_col(p, x, col)
+    if FPROP_ONE_GEMM(p):
+        g = np.matmul(wg, col, out=_scratch("fprop_gemm", (p.groups, p.Kg, p.N * p.P * p.Q),
+                                              x.dtype))
+        g = g.reshape(p.groups, p.Kg, p.N, p.P * p.Q).transpose(2, 0, 1, 3)
+        if bias is None:
+            np.copyto(y, g)
+        else:  # the bias add is the transposing copy
+            np.add(g, bias.reshape(1, p.groups, p.Kg, 1), out=y)
+        return y.reshape(p.y_shape)
     # One GEMM per image and group, written straight into y: col's image n is the (Cg*R*S, P*Q)
     # slice col[g, :, n] (row stride N*P*Q, which BLAS takes as is), so no transposition pass.
     col = col.reshape(p.groups, p.Cg * p.R * p.S, p.N, p.P * p.Q)
@@ -305,6 +361,49 @@ def _fprop(p: ConvProblem, x, w, bias=None, out=None):
     y = y.reshape(p.y_shape)
     if bias is not None:
         y += bias.reshape(1, p.K, 1, 1)
+    return y
+
+
+def _fprop_split_taps(p: ConvProblem, x, w, bias, y):
+    """Stride 1: the column taps go into the GEMM, the row taps are gathered after it (the
+    fprop twin of _dgrad_split_taps).
+
+        xs[c, s, n, h, q] = xp[n, c, h, s*dil_w + q*stride_w]      (xp: the padded input)
+        E[k, r, n, h, q] = sum_{c, s} w[k, c, r, s] * xs[c, s, n, h, q]
+        y[n, k, p, q] = bias[k] + sum_r E[k, r, n, p + r*dil_h, q]
+
+    xs is 1/R of the column matrix (the first copy of _im2col_two_stage) and E is K*R rows of
+    N*Hp*Q: less memory traffic than im2col's C*R*S rows of N*P*Q written and read back where
+    K*Hp <= C*S*P (FPROP_SPLIT_TAPS), for the same GEMM FLOPs within Hp/P. One GEMM per group
+    over the batch from ONE_GEMM_FLOPS on, else one per image and group; the R-term gather
+    writes y in NCHW either way."""
+    xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
+    hp = xp.shape[2]
+    sN, sC, sH, sW = xp.strides
+    wm = np.ascontiguousarray(w.reshape(p.groups, p.Kg, p.Cg, p.R, p.S).transpose(
+        0, 1, 3, 2, 4)).reshape(p.groups, p.Kg * p.R, p.Cg * p.S)
+    lh = hp * p.Q
+    if 2 * p.K * p.Cg * p.R * p.S * p.N * lh >= ONE_GEMM_FLOPS:
+        xs = _scratch("col_rows", (p.C, p.S, p.N, hp, p.Q), x.dtype)
+        strides = (sC, sW * p.dil_w, sN, sH, sW * p.stride_w)
+        rhs = xs.reshape(p.groups, p.Cg * p.S, p.N * lh)
+        e = _scratch("fprop_e", (p.groups, p.Kg * p.R, p.N * lh), x.dtype)
+        ev = e.reshape(p.K, p.R, p.N, hp, p.Q).transpose(2, 0, 1, 3, 4)
+    else:
+        xs = _scratch("col_rows", (p.N, p.C, p.S, hp, p.Q), x.dtype)
+        strides = (sN, sC, sW * p.dil_w, sH, sW * p.stride_w)
+        rhs = xs.reshape(p.N, p.groups, p.Cg * p.S, lh)
+        e = _scratch("fprop_e", (p.N, p.groups, p.Kg * p.R, lh), x.dtype)
+        ev = e.reshape(p.N, p.K, p.R, hp, p.Q)
+    np.copyto(xs, as_strided(xp, shape=xs.shape, writeable=False, strides=strides))
+    np.matmul(wm, rhs, out=e)
+    first = ev[:, :, 0, :p.P]  # (N, K, P, Q) views of E, one per row tap
+    if bias is None:
+        np.copyto(y, first)
+    else:
+        np.add(first, bias.reshape(1, p.K, 1, 1), out=y)
+    for r in range(1, p.R):
+        y += ev[:, :, r, r * p.dil_h:r * p.dil_h + p.P]
     return y
 
 
