@@ -930,7 +930,8 @@ def _relu_dgrad(x, dy, out=None):
     # PyTorch gives 0), so that rare case takes np.where.
     if out is None and x.flags.c_contiguous:
         out = _result_like(dy)
-    mask = _scratch("relu_mask", x.shape, np.bool_)
+    mask = (_scratch("relu_mask", x.shape, np.bool_) if x.flags.c_contiguous else
+            np.empty_like(x, dtype=np.bool_))  # (x's layout: channels_last stays so)
     np.less_equal(x, 0, out=mask)
     np.logical_not(mask, out=mask)
     with np.errstate(invalid="ignore"):
