@@ -93,10 +93,16 @@ def _pad(x, top, bottom, left, right, value=0.0, slot="pad"):
     n, c, h, w = x.shape
     shape = (n, c, h + top + bottom, w + left + right)
     out = np.empty(shape, x.dtype) if slot is None else _scratch(slot, shape, x.dtype)
-    out[:, :, :top] = value
-    out[:, :, top + h:] = value
-    out[:, :, top:top + h, :left] = value
-    out[:, :, top:top + h, left + w:] = value
+    if 2 * math.prod(shape) >= 3 * x.size:
+        # the border is half the interior or more (narrow planes): one contiguous fill beats
+        # strips of a few elements per row (LeNet-5's 64x16x10x10 dy widened by 4+4: 119 ->
+        # 67 us; 32x16x4x4 padded by 1: 22 -> 14 us; at 1.3x, 64x32x14x14: 215 vs 259 us)
+        out.fill(value)
+    else:
+        out[:, :, :top] = value
+        out[:, :, top + h:] = value
+        out[:, :, top:top + h, :left] = value
+        out[:, :, top:top + h, left + w:] = value
     out[:, :, top:top + h, left:left + w] = x
     return out
 
