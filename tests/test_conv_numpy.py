@@ -301,9 +301,11 @@ def test_stride1_dgrad_split_taps(x_shape, w_shape, kw, one_gemm_flops, monkeypa
 @pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
 @pytest.mark.parametrize("rows", [0, 10 ** 6])
 def test_both_wgrad_orders_match_naive(case, rows, monkeypatch):
-    """wgrad as one GEMM over N*P*Q (rows=0) and as per-image GEMMs summed (every problem)."""
+    """wgrad from the column matrix as one GEMM over N*P*Q (rows=0) and as per-image GEMMs
+    summed (every problem)."""
     from gpuconv.engines import numpy_engine
     monkeypatch.setattr(numpy_engine, "SMALL_WGRAD_ROWS", rows)
+    monkeypatch.setattr(numpy_engine, "WGRAD_SPLIT_TAPS", lambda p: False)
     _, x_shape, w_shape, kw = case
     _assert_matches_naive(x_shape, w_shape, kw, seed=16, ops=("wgrad",))
 
@@ -327,6 +329,33 @@ def test_fprop_split_taps_matches_naive(case, one_gemm_flops, monkeypatch):
     assert bool(taken) == (not name.startswith(("depthwise", "pointwise")))
 
 
+@pytest.mark.parametrize("case", [c for c in PROBLEMS if c[3].get("stride", 1) in (1, (1, 2))],
+                         ids=[c[0] for c in PROBLEMS if c[3].get("stride", 1) in (1, (1, 2))])
+def test_wgrad_split_taps_matches_naive(case, monkeypatch):
+    """Row-stride-1 wgrad from the column-tap copy of the input, one GEMM per image and row
+    tap: checked against naive loops, the path proven taken (depthwise and pointwise layers
+    have their own paths), and never used where the fprop's column matrix can be reused."""
+    from gpuconv.engines import numpy_engine
+    name, x_shape, w_shape, kw = case
+    taken = []
+    real = numpy_engine._wgrad_split_taps
+    monkeypatch.setattr(numpy_engine, "WGRAD_SPLIT_TAPS", lambda p: True)
+    monkeypatch.setattr(numpy_engine, "_wgrad_split_taps",
+                        lambda *a: taken.append(1) or real(*a))
+    _assert_matches_naive(x_shape, w_shape, kw, seed=20, ops=("wgrad",))
+    plain = not name.startswith(("depthwise", "pointwise"))
+    assert bool(taken) == plain
+    if plain:  # a column matrix kept by a training fprop is used instead
+        monkeypatch.setattr(numpy_engine, "FPROP_SPLIT_TAPS", lambda p: False)
+        rng = np.random.default_rng(20)
+        x, w, _ = _data(rng, x_shape, w_shape)
+        with numpy_engine.keep_columns():
+            y = gc.conv2d(x, w, **kw)
+        taken.clear()
+        gc.conv2d_grad_weight(x, w_shape, np.ones_like(y), **kw)
+        assert not taken
+
+
 @pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
 @pytest.mark.parametrize("one_gemm", [True, False])
 def test_fprop_one_gemm_and_per_image_match_naive(case, one_gemm, monkeypatch):
@@ -345,6 +374,7 @@ def test_wgrad_reuses_the_fprop_column_matrix_only_when_still_valid(monkeypatch)
     place, for another input of the same shape, or once another op took the buffer."""
     from gpuconv.engines import numpy_engine
     monkeypatch.setattr(numpy_engine, "FPROP_SPLIT_TAPS", lambda p: False)  # im2col's fprop
+    monkeypatch.setattr(numpy_engine, "WGRAD_SPLIT_TAPS", lambda p: False)  # and its wgrad
     rng = np.random.default_rng(17)
     x_shape, w_shape, kw = (2, 3, 9, 8), (4, 3, 3, 3), dict(padding=1)
     p = _problem(x_shape, w_shape, kw)

@@ -78,6 +78,17 @@ def FPROP_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchma
             and 2 * p.K * (p.H + p.pad_h + p.pad_h_end) <= p.C * p.S * p.P)
 
 
+def WGRAD_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchmarks replace)
+    """Row-stride-1 wgrad by _wgrad_split_taps, unless the fprop's column matrix is at hand
+    (_recall_col) or an image's P*Q is over 4096 (a reduction that long with a few rows, as
+    a 3-channel 3x3 layer on 224x224 has, ran 31 -> 54 ms). 2 threads, no column matrix kept:
+    LeNet-5's conv(6->16, 5x5) at batch 64 1.93 -> 0.57 ms and its conv(1->6) 0.62 -> 0.30
+    ms, gpuconv-train's conv2 0.67 -> 0.19 ms, MNIST's conv(32->64) 6.0 -> 5.4 ms; at batch
+    8, ResNet-50's 3x3 on 64 channels 17.1 -> 14.9 ms, AlexNet's conv2 23.8 -> 23.0 ms,
+    VGG-16's conv3_1 92.9 -> 91.0 ms."""
+    return p.stride_h == 1 and p.P * p.Q <= 4096
+
+
 SMALL_WGRAD_ROWS = 32  # Cg*R*S up to this: wgrad as per-image GEMMs summed (see _wgrad)
 _tls = threading.local()
 
@@ -492,13 +503,15 @@ def _wgrad(p: ConvProblem, x, dy):
         dyg = dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q)
         dw = np.matmul(dyg, xs.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, Kg, Cg)
         return dw.reshape(p.w_shape)
+    col = _recall_col(p, x)
+    if col is None and WGRAD_SPLIT_TAPS(p):
+        return _wgrad_split_taps(p, x, dy)
     if p.Cg * p.R * p.S <= SMALL_WGRAD_ROWS:
         # Few column-matrix rows (a C = 1 first layer): one small GEMM per image and group,
         # dy_n (Kg x P*Q) @ col_n^T, summed over the images in a fixed order. No transposed copy
         # of dy, and BLAS is not stuck with a (Cg*R*S x Kg) output over an N*P*Q-long reduction:
         # MNIST's conv(1->32, 3x3) at batch 64, 0.50 vs 2.4 ms; LeNet's conv(1->6, 5x5) 0.18 vs
         # 0.7 ms. With 150 rows (LeNet's second layer) the single GEMM is 2x faster again.
-        col = _recall_col(p, x)
         col = (_im2col(p, x) if col is None else col).reshape(
             p.groups, p.Cg * p.R * p.S, p.N, p.P * p.Q)
         part = np.matmul(dy.reshape(p.N, p.groups, p.Kg, p.P * p.Q), col.transpose(2, 0, 3, 1))
@@ -510,10 +523,36 @@ def _wgrad(p: ConvProblem, x, dy):
     # dw^T = col @ dy^T: with the long N*P*Q axis as the reduction and the small Kg as GEMM
     # columns; the other orientation (dy @ col^T) ran 10-17x slower in OpenBLAS on 2 threads
     # when the cores were shared (37 ms vs 660 ms for ResNet-50's 3x3).
-    col = _recall_col(p, x)
     col = _im2col(p, x) if col is None else col
     dw_t = np.matmul(col, dy_t.transpose(0, 2, 1))  # (G, Cg*R*S, Kg)
     return np.ascontiguousarray(dw_t.transpose(0, 2, 1)).reshape(p.w_shape)
+
+
+def _wgrad_split_taps(p: ConvProblem, x, dy):
+    """Row stride 1: dw from the column-tap copy of the input, without the column matrix.
+
+        xs[c, s, n, h, q] = xp[n, c, h, s*dil_w + q*stride_w]      (xp: the padded input)
+        dw[k, c, r, s] = sum_n sum_{p, q} dy[n, k, p, q] * xs[c, s, n, p + r*dil_h, q]
+
+    For image n and row tap r the (Cg*S, P*Q) operand is a view of xs (rows r*dil_h ..
+    r*dil_h + P - 1 of each (c, s) plane are one contiguous run of P*Q, at one row stride), so
+    one batched matmul does the N*R*G GEMMs (Cg*S x P*Q) @ (P*Q x Kg), summed over the images
+    after in a fixed order. xs is 1/R of the column matrix, and each GEMM reduces over one
+    image's P*Q, where BLAS does well."""
+    xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
+    hp = xp.shape[2]
+    sN, sC, sH, sW = xp.strides
+    xs = _scratch("col_rows", (p.C, p.S, p.N, hp, p.Q), x.dtype)
+    np.copyto(xs, as_strided(xp, shape=xs.shape, writeable=False,
+                             strides=(sC, sW * p.dil_w, sN, sH, sW * p.stride_w)))
+    it, pq, row = xs.itemsize, p.P * p.Q, p.N * hp * p.Q
+    lhs = as_strided(xs, shape=(p.N, p.R, p.groups, p.Cg * p.S, pq), writeable=False,
+                     strides=(hp * p.Q * it, p.dil_h * p.Q * it, p.Cg * p.S * row * it,
+                              row * it, it))
+    dyg = dy.reshape(p.N, 1, p.groups, p.Kg, pq).transpose(0, 1, 2, 4, 3)
+    dw = np.matmul(lhs, dyg).sum(axis=0)  # (R, G, Cg*S, Kg)
+    return np.ascontiguousarray(dw.reshape(p.R, p.groups, p.Cg, p.S, p.Kg).transpose(
+        1, 4, 2, 0, 3)).reshape(p.w_shape)
 
 
 def _wgrad_depthwise(p: ConvProblem, x, dy):
