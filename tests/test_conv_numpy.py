@@ -356,6 +356,29 @@ def test_wgrad_split_taps_matches_naive(case, monkeypatch):
         assert not taken
 
 
+_DEPTHWISE = [c for c in PROBLEMS if c[0].startswith("depthwise")] + [
+    ("depthwise_same_even", (2, 3, 7, 6), (3, 1, 4, 2), dict(groups=3, padding="same")),
+    ("depthwise_pad_wider", (1, 2, 3, 4), (2, 1, 3, 3), dict(groups=2, padding=3)),
+    ("depthwise_5x5_odd", (3, 4, 9, 5), (4, 1, 5, 5), dict(groups=4, padding=2)),
+]
+
+
+@pytest.mark.parametrize("case", _DEPTHWISE, ids=[c[0] for c in _DEPTHWISE])
+@pytest.mark.parametrize("flat", [True, False])
+def test_depthwise_flat_windows_and_tap_windows_match_naive(case, flat, monkeypatch):
+    """Depthwise layers with stride-1 taps as runs of flat padded planes (dgrad as the fprop of
+    the padded dy with mirrored kernels) and with per-row tap windows, against naive loops."""
+    from gpuconv.engines import numpy_engine
+    monkeypatch.setattr(numpy_engine, "DEPTHWISE_FLAT", flat)
+    taken = []
+    real = numpy_engine._flat_windows
+    monkeypatch.setattr(numpy_engine, "_flat_windows",
+                        lambda *a: taken.append(1) or real(*a))
+    name, x_shape, w_shape, kw = case
+    _assert_matches_naive(x_shape, w_shape, kw, seed=22)
+    assert bool(taken) == (flat and kw.get("stride", 1) == 1)
+
+
 @pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
 @pytest.mark.parametrize("one_gemm", [True, False])
 def test_fprop_one_gemm_and_per_image_match_naive(case, one_gemm, monkeypatch):

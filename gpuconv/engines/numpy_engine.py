@@ -35,6 +35,7 @@ IM2COL_TWO_STAGE_BYTES = 8 << 20
 # dgrad gathers by flat shifts over dy rows zero-padded up to this many times their width (see
 # _dgrad_channel_first; 1.4x on LeNet-5 conv2 measured 20% faster than 4-D slice adds)
 DGRAD_FRAME_WIDEN = 1.5
+DEPTHWISE_FLAT = True  # stride-1 depthwise fprop and wgrad by _flat_windows (see there)
 POOL_STACK_TAPS = True  # max-pool forward copies its window taps into one stack first
 
 
@@ -433,8 +434,24 @@ def _fprop_depthwise(p: ConvProblem, x, w, bias, out=None):
     y = (np.empty((p.N * p.groups, p.Kg, p.P * p.Q), x.dtype) if out is None else  # (N, K, PQ)
          out.reshape(p.N * p.groups, p.Kg, p.P * p.Q))
     planes = x.reshape(p.N * p.C, p.H, p.W)
-    for b0, b1, cb in _windows(planes, taps, p.P, p.Q, p.stride_h, p.stride_w):
-        np.matmul(rows[b0:b1], cb, out=y[b0:b1])
+    if DEPTHWISE_FLAT and p.stride_h == p.stride_w == 1:
+        ye = None
+        yb = y.reshape(p.N * p.groups, p.Kg, p.P, p.Q)
+        bias_rows = None if bias is None else np.ascontiguousarray(np.broadcast_to(
+            bias.reshape(1, p.groups, p.Kg, 1), (p.N, p.groups, p.Kg, 1))).reshape(
+            p.N * p.groups, p.Kg, 1)
+        for b0, b1, cb, wp in _flat_windows(p, planes):
+            if ye is None:
+                ye = np.empty((min(32, len(planes)), p.Kg, p.P, wp), x.dtype)
+            n = b1 - b0
+            np.matmul(rows[b0:b1], cb, out=ye[:n].reshape(n, p.Kg, p.P * wp))
+            np.copyto(yb[b0:b1], ye[:n, :, :, :p.Q])  # the garbage columns dropped
+            if bias is not None:  # (while the block is in cache)
+                y[b0:b1] += bias_rows[b0:b1]
+        return y.reshape(p.y_shape)
+    else:
+        for b0, b1, cb in _windows(planes, taps, p.P, p.Q, p.stride_h, p.stride_w):
+            np.matmul(rows[b0:b1], cb, out=y[b0:b1])
     y = y.reshape(p.y_shape)
     if bias is not None:
         y += bias.reshape(1, p.K, 1, 1)
@@ -446,6 +463,31 @@ def _valid_range(d, stride, size, out):
     i0 = min(out, max(0, -(d // stride)))
     i1 = max(i0, min(out, -(-(size - d) // stride)))
     return i0, i1
+
+
+def _flat_windows(p: ConvProblem, planes, block=32):
+    """Stride 1: yield (b0, b1, col, wp), col[b, r*S + s, i*wp + j] = xpad[b0 + b, i + r*dil_h,
+    j + s*dil_w] for the zero-padded planes xpad of row width wp: outputs on rows as wide as
+    the padded planes, so that each tap of a plane is ONE contiguous run of P*wp elements of
+    the flat padded plane, and a block's taps one strided copy (columns j >= Q are garbage the
+    caller drops). _windows instead copies P rows of Q per tap and plane: depthwise 3x3 over
+    144 x 56 x 56 planes at batch 8, 2 threads: fprop 7.8 -> 6.4 ms, wgrad 8.0 -> 6.6 ms."""
+    nb = planes.shape[0]
+    hp, wp = p.H + p.pad_h + p.pad_h_end, p.W + p.pad_w + p.pad_w_end
+    L = p.P * wp
+    n0 = min(block, nb)
+    # (slack after the last plane: its last taps' runs end up to (S-1)*dil_w past it)
+    buf = np.zeros(n0 * hp * wp + (p.S - 1) * p.dil_w, planes.dtype)
+    xpad = buf[:n0 * hp * wp].reshape(n0, hp, wp)
+    col = np.empty((n0, p.R, p.S, L), planes.dtype)
+    it = buf.itemsize
+    for b0 in range(0, nb, block):
+        b1 = min(nb, b0 + block)
+        n = b1 - b0
+        xpad[:n, p.pad_h:p.pad_h + p.H, p.pad_w:p.pad_w + p.W] = planes[b0:b1]
+        np.copyto(col[:n], as_strided(buf, shape=(n, p.R, p.S, L), writeable=False, strides=(
+            hp * wp * it, p.dil_h * wp * it, p.dil_w * it, it)))
+        yield b0, b1, col[:n].reshape(n, p.R * p.S, L), wp
 
 
 def _windows(planes, taps, out_h, out_w, sh=1, sw=1, block=32):
@@ -561,9 +603,21 @@ def _wgrad_depthwise(p: ConvProblem, x, dy):
             for s in range(p.S)]
     dyt = dy.reshape(p.N * p.groups, p.Kg, p.P * p.Q).transpose(0, 2, 1)  # (N*G, P*Q, Kg)
     part = np.empty((p.N * p.groups, p.R * p.S, p.Kg), dy.dtype)
-    for b0, b1, cb in _windows(x.reshape(p.N * p.C, p.H, p.W), taps, p.P, p.Q, p.stride_h,
-                               p.stride_w):
-        np.matmul(cb, dyt[b0:b1], out=part[b0:b1])
+    planes = x.reshape(p.N * p.C, p.H, p.W)
+    if DEPTHWISE_FLAT and p.stride_h == p.stride_w == 1:
+        # dy on rows as wide as _flat_windows' (zero past Q, so its garbage columns add 0)
+        dyb = dy.reshape(p.N * p.groups, p.Kg, p.P, p.Q)
+        dye = None
+        for b0, b1, cb, wp in _flat_windows(p, planes):
+            if dye is None:
+                dye = np.zeros((min(32, len(planes)), p.Kg, p.P, wp), dy.dtype)
+            n = b1 - b0
+            np.copyto(dye[:n, :, :, :p.Q], dyb[b0:b1])
+            np.matmul(cb, dye[:n].reshape(n, p.Kg, p.P * wp).transpose(0, 2, 1),
+                      out=part[b0:b1])
+    else:
+        for b0, b1, cb in _windows(planes, taps, p.P, p.Q, p.stride_h, p.stride_w):
+            np.matmul(cb, dyt[b0:b1], out=part[b0:b1])
     dw = part.reshape(p.N, p.groups, p.R * p.S, p.Kg).sum(axis=0)  # (G, R*S, Kg)
     return np.ascontiguousarray(dw.transpose(0, 2, 1)).reshape(p.w_shape)
 
@@ -582,6 +636,17 @@ def _dgrad(p: ConvProblem, w, dy, out=None):
       gather each phase's mirrored taps from dcol and sum them (intermediate C*R*S*N*P*Q).
     Both read only the taps that hit real dy elements: the stride zeros are never formed.
     """
+    if DEPTHWISE_FLAT and p.is_depthwise and p.Kg == 1 and p.stride_h == p.stride_w == 1:
+        # stride 1, one kernel per channel: dx is the depthwise fprop of dy padded by
+        # dil*(R-1) - pad with the mirrored kernels, when no padding is wider than the dilated
+        # kernel (3x3 on 144 x 56 x 56 at batch 8, 2 threads: 9.3 -> 6.4 ms)
+        pads = (p.dil_h * (p.R - 1) - p.pad_h, p.dil_h * (p.R - 1) - p.pad_h_end,
+                p.dil_w * (p.S - 1) - p.pad_w, p.dil_w * (p.S - 1) - p.pad_w_end)
+        if min(pads) >= 0:
+            q = dataclasses.replace(p, H=p.P, W=p.Q, pad_h=pads[0], pad_h_end=pads[1],
+                                    pad_w=pads[2], pad_w_end=pads[3])
+            return _fprop_depthwise(q, dy, w[:, :, ::-1, ::-1], None,
+                                    np.empty(p.x_shape, dy.dtype) if out is None else out)
     ph_h, lo_h, hi_h = _phase_taps(p.H, p.pad_h, p.R, p.dil_h, p.stride_h, p.P)
     ph_w, lo_w, hi_w = _phase_taps(p.W, p.pad_w, p.S, p.dil_w, p.stride_w, p.Q)
     if out is None:
