@@ -133,17 +133,27 @@ def _scratch(slot, shape, dtype):
     ms per 100 MB, ~10% of a VGG conv3_1 fprop), so column matrices reuse one buffer per slot.
     Buffers above SCRATCH_KEEP_BYTES are not kept.
     """
+    tls = _tls.__dict__
+    gens = tls.get("gens")
+    if gens is None:
+        gens = tls["gens"] = {}
+    gens[slot] = gens.get(slot, 0) + 1  # every hand-out may overwrite what the slot held
+    views = tls.get("views")  # slot -> (shape, dtype, the array last handed out)
+    if views is not None:
+        last = views.get(slot)
+        if last is not None and last[0] == shape and last[1] == dtype:
+            return last[2]  # the same request again: its view (3 array constructions saved)
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize  # (np.prod of a tuple costs ~5 us a call)
-    gens = _tls.__dict__.setdefault("gens", {})
-    gens[slot] = gens.get(slot, 0) + 1  # every hand-out may overwrite what the slot held
     if nbytes > SCRATCH_KEEP_BYTES:
         return np.empty(shape, dtype)
-    bufs = _tls.__dict__.setdefault("bufs", {})
+    bufs = tls.setdefault("bufs", {})
     buf = bufs.get(slot)
     if buf is None or buf.nbytes < nbytes:
         buf = bufs[slot] = np.empty(nbytes, np.uint8)
-    return buf[:nbytes].view(dtype).reshape(shape)
+    out = buf[:nbytes].view(dtype).reshape(shape)
+    tls.setdefault("views", {})[slot] = (tuple(shape), dtype, out)
+    return out
 
 
 def release_workspace():
@@ -151,6 +161,7 @@ def release_workspace():
     the padded input and the transposed dy) and the kept result buffers (cpu_memory); the next
     large op allocates them again."""
     _tls.__dict__.pop("bufs", None)
+    _tls.__dict__.pop("views", None)
     _tls.__dict__.pop("fprop_col", None)
     _mem.release()
 
