@@ -138,21 +138,27 @@ def _scratch(slot, shape, dtype):
     if gens is None:
         gens = tls["gens"] = {}
     gens[slot] = gens.get(slot, 0) + 1  # every hand-out may overwrite what the slot held
-    views = tls.get("views")  # slot -> (shape, dtype, the array last handed out)
+    views = tls.get("views")  # slot -> {(shape, dtype): the view handed out for it}
     if views is not None:
-        last = views.get(slot)
-        if last is not None and last[0] == shape and last[1] == dtype:
-            return last[2]  # the same request again: its view (3 array constructions saved)
+        v = views.get(slot)
+        if v is not None:
+            v = v.get((shape, dtype))
+            if v is not None:
+                return v  # a request seen before: its view (3 array constructions saved)
+    key = (tuple(shape), dtype)  # (dtype as the caller names it: a class or a dtype)
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize  # (np.prod of a tuple costs ~5 us a call)
     if nbytes > SCRATCH_KEEP_BYTES:
         return np.empty(shape, dtype)
     bufs = tls.setdefault("bufs", {})
     buf = bufs.get(slot)
+    slot_views = tls.setdefault("views", {}).setdefault(slot, {})
     if buf is None or buf.nbytes < nbytes:
         buf = bufs[slot] = np.empty(nbytes, np.uint8)
+        slot_views.clear()  # views of the old buffer
     out = buf[:nbytes].view(dtype).reshape(shape)
-    tls.setdefault("views", {})[slot] = (tuple(shape), dtype, out)
+    if len(slot_views) < 16:
+        slot_views[key] = out
     return out
 
 
