@@ -185,3 +185,29 @@ def test_relu_backward_non_finite_grad_where_input_is_not_positive_gives_zero():
     assert dx.dtype == np.float32
     np.testing.assert_array_equal(dx, [0, 0, np.nan, 1.5, 0])
     np.testing.assert_array_equal(gc.relu_backward(x, np.ones_like(x)), [0, 0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("data", ["random", "ties", "inf"])
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=2, padding=1),
+                                dict(kernel_size=2, stride=3), dict(kernel_size=2, stride=1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_2x2_pairwise_equals_running_max_and_naive(data, kw, dtype, monkeypatch):
+    """2x2 windows by pairwise maxima give the running maximum's values and first-maximum
+    indices exactly, with ties, infinities and padding, and match the naive loops."""
+    from gpuconv.engines import numpy_engine
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((2, 3, 9, 8))
+    if data == "ties":
+        x = np.round(x)
+    if data == "inf":
+        x.reshape(-1)[rng.choice(x.size, 20, replace=False)] = [np.inf, -np.inf] * 10
+    x = x.astype(dtype)
+    got = {}
+    for pairwise in (True, False):
+        monkeypatch.setattr(numpy_engine, "POOL_PAIRWISE_2X2", pairwise)
+        got[pairwise] = gc.max_pool2d(x, return_indices=True, **kw)
+    for a, b in zip(got[True], got[False]):
+        np.testing.assert_array_equal(a, b)
+    ry, ridx = naive.max_pool(_pp(x.shape, kw), x)
+    np.testing.assert_array_equal(got[True][0], ry)
+    np.testing.assert_array_equal(got[True][1], ridx)

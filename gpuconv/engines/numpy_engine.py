@@ -36,7 +36,8 @@ IM2COL_TWO_STAGE_BYTES = 8 << 20
 # _dgrad_channel_first; 1.4x on LeNet-5 conv2 measured 20% faster than 4-D slice adds)
 DGRAD_FRAME_WIDEN = 1.5
 DEPTHWISE_FLAT = True  # stride-1 depthwise fprop and wgrad by _flat_windows (see there)
-POOL_STACK_TAPS = True  # max-pool forward copies its window taps into one stack first
+POOL_STACK_TAPS = True
+POOL_PAIRWISE_2X2 = True  # 2x2 max-pool windows by pairwise maxima (_pool_2x2_max)  # max-pool forward copies its window taps into one stack first
 
 
 def DGRAD_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchmarks replace)
@@ -910,31 +911,16 @@ def _pool_taps_max(pp: PoolProblem, xp, x, out=None):
         taps = list(stack)
     y = (out[0] if out is not None else _mem.empty(taps[0].shape, xp.dtype) if plain else
          np.empty_like(taps[0], order="K"))
-    np.copyto(y, taps[0])
-    kt = (np.int8 if len(taps) < 1 << 7 else np.int16 if len(taps) < 1 << 15 else np.int64)
-    if plain:
-        k, won, tk = (_scratch(n, y.shape, d) for n, d in (("pool_k", kt), ("pool_won", bool),
-                                                             ("pool_tk", kt)))
-        k.fill(0)
-    else:
-        k, won, tk = np.zeros_like(y, kt), np.empty_like(y, bool), np.empty_like(y, kt)
     has_nan = x.size > 0 and bool(np.isnan(x.max()))  # max carries NaN: no bool temporary
-    for t, v in enumerate(taps[1:], start=1):
-        np.greater(v, y, out=won)
-        if has_nan:
-            won |= np.isnan(v) & ~np.isnan(y)
-        np.maximum(k, np.multiply(won, k.dtype.type(t), out=tk), out=k)  # typed t: 10x faster
-        np.maximum(y, v, out=y)
-    # input index = window origin + the winning tap's offset, (k // S)*dil_h*W + (k % S)*dil_w,
-    # computed from the narrow k (a table lookup offset[k] with int16 k took 3 ms on 64x32x14x14
+    if POOL_PAIRWISE_2X2 and plain and pp.R == pp.S == 2 and not has_nan:
+        kr, ks = _pool_2x2_max(taps, y)
+    else:
+        kr, ks = _pool_running_max(pp, taps, y, plain, has_nan)
+    # input index = window origin + the winning tap's offset, kr*dil_h*W + ks*dil_w, computed
+    # from the narrow kr, ks (a table lookup offset[k] with int16 k took 3 ms on 64x32x14x14
     # outputs, this arithmetic 0.4 ms)
     origin = ((np.arange(pp.P) * pp.stride_h - pp.pad_h) * pp.W)[:, None] \
         + (np.arange(pp.Q) * pp.stride_w - pp.pad_w)[None, :]
-    if pp.S & (pp.S - 1) == 0:  # a power of two (2x2 pools): shift and mask, 4x faster
-        shift = k.dtype.type(pp.S.bit_length() - 1)
-        kr, ks = np.right_shift(k, shift), np.bitwise_and(k, k.dtype.type(pp.S - 1))
-    else:
-        kr, ks = np.divmod(k, k.dtype.type(pp.S))
     idx = np.multiply(kr, pp.dil_h * pp.W, dtype=np.int64, out=out[1] if out is not None else
                       _mem.empty(y.shape, np.int64) if plain else None)
     idx += np.multiply(ks, pp.dil_w, dtype=np.int64) if pp.dil_w != 1 else ks
@@ -951,6 +937,53 @@ def _pool_taps_max(pp: PoolProblem, xp, x, out=None):
         first = h_first[:, None] * pp.W + w_first[None, :]
         np.copyto(idx, np.where(outside, first, idx))
     return y, idx
+
+
+def _pool_2x2_max(taps, y):
+    """y = the max of 2x2 windows from their 4 contiguous taps (no NaN among them), and the
+    winning row and column (bool arrays): pairwise maxima, 6 passes and 3 boolean ones instead
+    of the running maximum's 14 (strict '>' at every step keeps the first maximum in row-major
+    order, as PyTorch)."""
+    t0, t1, t2, t3 = taps
+    shape = y.shape
+    y23 = _scratch("pool_y23", shape, y.dtype)
+    m01, m23, kr = (_scratch(n, shape, np.bool_) for n in ("pool_m01", "pool_m23", "pool_kr"))
+    np.greater(t1, t0, out=m01)
+    np.greater(t3, t2, out=m23)
+    np.maximum(t0, t1, out=y)
+    np.maximum(t2, t3, out=y23)
+    np.greater(y23, y, out=kr)  # the bottom row's max beats the top row's
+    np.maximum(y, y23, out=y)
+    # ks = m23 where kr else m01, as m01 ^ (kr & (m01 ^ m23))
+    np.bitwise_xor(m01, m23, out=m23)
+    np.bitwise_and(m23, kr, out=m23)
+    np.bitwise_xor(m01, m23, out=m23)
+    return kr.view(np.uint8), m23.view(np.uint8)
+
+
+def _pool_running_max(pp, taps, y, plain, has_nan):
+    """y = the running maximum over the window taps (any window), and the winning tap's row
+    and column in the window (kr, ks). The winning tap k only grows as the taps go by in
+    row-major order: k = max(k, t * (tap > best)), strict '>' keeps the first maximum, and a
+    NaN tap beats a non-NaN best, so the first NaN wins."""
+    np.copyto(y, taps[0])
+    kt = (np.int8 if len(taps) < 1 << 7 else np.int16 if len(taps) < 1 << 15 else np.int64)
+    if plain:
+        k, won, tk = (_scratch(n, y.shape, d) for n, d in (("pool_k", kt), ("pool_won", bool),
+                                                             ("pool_tk", kt)))
+        k.fill(0)
+    else:
+        k, won, tk = np.zeros_like(y, kt), np.empty_like(y, bool), np.empty_like(y, kt)
+    for t, v in enumerate(taps[1:], start=1):
+        np.greater(v, y, out=won)
+        if has_nan:
+            won |= np.isnan(v) & ~np.isnan(y)
+        np.maximum(k, np.multiply(won, k.dtype.type(t), out=tk), out=k)  # typed t: 10x faster
+        np.maximum(y, v, out=y)
+    if pp.S & (pp.S - 1) == 0:  # a power of two (2x2 pools): shift and mask, 4x faster
+        shift = k.dtype.type(pp.S.bit_length() - 1)
+        return np.right_shift(k, shift), np.bitwise_and(k, k.dtype.type(pp.S - 1))
+    return np.divmod(k, k.dtype.type(pp.S))
 
 
 def _first_inside(start, dil):
