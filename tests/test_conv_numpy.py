@@ -380,6 +380,20 @@ def test_depthwise_flat_windows_and_tap_windows_match_naive(case, flat, monkeypa
 
 
 @pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
+@pytest.mark.parametrize("max_q", [0, 10 ** 6])  # strided copies / one gather everywhere
+def test_im2col_by_gather_and_by_copies_match_naive(case, max_q, monkeypatch):
+    """The column matrix by one gather through an index table (padding from an appended 0)
+    and by strided copies, through fprop and the column-matrix wgrad, against naive loops."""
+    from gpuconv.engines import numpy_engine
+    monkeypatch.setattr(numpy_engine, "TAKE_IM2COL_MAX_Q", max_q)
+    monkeypatch.setattr(numpy_engine, "SMALL_IM2COL", 1 << 30)
+    monkeypatch.setattr(numpy_engine, "FPROP_SPLIT_TAPS", lambda p: False)
+    monkeypatch.setattr(numpy_engine, "WGRAD_SPLIT_TAPS", lambda p: False)
+    _, x_shape, w_shape, kw = case
+    _assert_matches_naive(x_shape, w_shape, kw, seed=24, ops=("fprop", "wgrad"))
+
+
+@pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
 @pytest.mark.parametrize("one_gemm", [True, False])
 def test_fprop_one_gemm_and_per_image_match_naive(case, one_gemm, monkeypatch):
     """im2col fprop as one GEMM over the batch (then a transposing copy that adds the bias) and
