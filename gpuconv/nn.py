@@ -576,10 +576,9 @@ class Conv2d(Module):
 
     def forward(self, x):
         b = self.bias.data if self.bias is not None else None
-        if self.training and _GRAD_MODE.enabled and self.weight.requires_grad:
-            with _numpy_engine.keep_columns():  # its wgrad follows: reuse the column matrix
-                y = F.conv2d(x, self.weight.data, b, **self._args())
-        else:
+        wgrad_follows = self.training and _GRAD_MODE.enabled and self.weight.requires_grad
+        # (then the NumPy engine keeps the column matrix for that wgrad)
+        with _numpy_engine.keep_columns() if wgrad_follows else contextlib.nullcontext():
             y = F.conv2d(x, self.weight.data, b, **self._args())
         self._keep(x)
         self._format = memory_format(y)

@@ -38,8 +38,8 @@ IM2COL_TWO_STAGE_BYTES = 8 << 20
 # _dgrad_channel_first; 1.4x on LeNet-5 conv2 measured 20% faster than 4-D slice adds)
 DGRAD_FRAME_WIDEN = 1.5
 DEPTHWISE_FLAT = True  # stride-1 depthwise fprop and wgrad by _flat_windows (see there)
-POOL_STACK_TAPS = True
-POOL_PAIRWISE_2X2 = True  # 2x2 max-pool windows by pairwise maxima (_pool_2x2_max)  # max-pool forward copies its window taps into one stack first
+POOL_STACK_TAPS = True  # max-pool forward copies its window taps into one stack first
+POOL_PAIRWISE_2X2 = True  # 2x2 max-pool windows by pairwise maxima (_pool_2x2_max)
 
 
 def DGRAD_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchmarks replace)
@@ -272,6 +272,21 @@ def _im2col_table(p: ConvProblem):
     return table
 
 
+def _column_taps(p: ConvProblem, xp, per_image=False):
+    """The S column taps of the padded input xp, every padded row h: xs[c, s, n, h, q] =
+    xp[n, c, h, s*dil_w + q*stride_w], in (C, S, N, Hp, Q) order, or (N, C, S, Hp, Q) with
+    per_image; one strided copy into the "col_rows" scratch buffer."""
+    sN, sC, sH, sW = xp.strides
+    hp = xp.shape[2]
+    if per_image:
+        shape, strides = (p.N, p.C, p.S, hp, p.Q), (sN, sC, sW * p.dil_w, sH, sW * p.stride_w)
+    else:
+        shape, strides = (p.C, p.S, p.N, hp, p.Q), (sC, sW * p.dil_w, sN, sH, sW * p.stride_w)
+    xs = _scratch("col_rows", shape, xp.dtype)
+    np.copyto(xs, as_strided(xp, shape=shape, writeable=False, strides=strides))
+    return xs
+
+
 def _im2col_two_stage(p: ConvProblem, xp, col):
     """_im2col for stride_h == 1 in two copies, so that most of the data moves in long rows:
     first the S column taps, xs[c, s, n, h, q] = xp[n, c, h, s*dil_w + q*stride_w] (every padded
@@ -282,11 +297,7 @@ def _im2col_two_stage(p: ConvProblem, xp, col):
     ones, at the price of writing xs (1/R of col): a gain while col stays in the caches (LeNet
     conv2 at batch 64, 3.8 MB: 0.94 -> 0.42 ms), a loss on large layers (MNIST conv2, 14 MB:
     2.7 -> 3.2 ms; ResNet-50's 3x3 at batch 8: 7.1 -> 8.9 ms)."""
-    sN, sC, sH, sW = xp.strides
-    hp = xp.shape[2]
-    xs = _scratch("col_rows", (p.C, p.S, p.N, hp, p.Q), xp.dtype)
-    np.copyto(xs, as_strided(xp, shape=xs.shape, writeable=False,
-                             strides=(sC, sW * p.dil_w, sN, sH, sW * p.stride_w)))
+    xs = _column_taps(p, xp)
     tC, tS, tN, tH, _ = xs.strides
     pq = p.P * p.Q
     dst = col.reshape(p.C, p.R, p.S, p.N, pq)
@@ -441,23 +452,17 @@ def _fprop_split_taps(p: ConvProblem, x, w, bias, y):
     writes y in NCHW either way."""
     xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
     hp = xp.shape[2]
-    sN, sC, sH, sW = xp.strides
     wm = np.ascontiguousarray(w.reshape(p.groups, p.Kg, p.Cg, p.R, p.S).transpose(
         0, 1, 3, 2, 4)).reshape(p.groups, p.Kg * p.R, p.Cg * p.S)
     lh = hp * p.Q
     if 2 * p.K * p.Cg * p.R * p.S * p.N * lh >= ONE_GEMM_FLOPS:
-        xs = _scratch("col_rows", (p.C, p.S, p.N, hp, p.Q), x.dtype)
-        strides = (sC, sW * p.dil_w, sN, sH, sW * p.stride_w)
-        rhs = xs.reshape(p.groups, p.Cg * p.S, p.N * lh)
+        rhs = _column_taps(p, xp).reshape(p.groups, p.Cg * p.S, p.N * lh)
         e = _scratch("fprop_e", (p.groups, p.Kg * p.R, p.N * lh), x.dtype)
         ev = e.reshape(p.K, p.R, p.N, hp, p.Q).transpose(2, 0, 1, 3, 4)
     else:
-        xs = _scratch("col_rows", (p.N, p.C, p.S, hp, p.Q), x.dtype)
-        strides = (sN, sC, sW * p.dil_w, sH, sW * p.stride_w)
-        rhs = xs.reshape(p.N, p.groups, p.Cg * p.S, lh)
+        rhs = _column_taps(p, xp, per_image=True).reshape(p.N, p.groups, p.Cg * p.S, lh)
         e = _scratch("fprop_e", (p.N, p.groups, p.Kg * p.R, lh), x.dtype)
         ev = e.reshape(p.N, p.K, p.R, hp, p.Q)
-    np.copyto(xs, as_strided(xp, shape=xs.shape, writeable=False, strides=strides))
     np.matmul(wm, rhs, out=e)
     first = ev[:, :, 0, :p.P]  # (N, K, P, Q) views of E, one per row tap
     if bias is None:
@@ -627,10 +632,7 @@ def _wgrad_split_taps(p: ConvProblem, x, dy):
     image's P*Q, where BLAS does well."""
     xp = _pad(x, p.pad_h, p.pad_h_end, p.pad_w, p.pad_w_end)
     hp = xp.shape[2]
-    sN, sC, sH, sW = xp.strides
-    xs = _scratch("col_rows", (p.C, p.S, p.N, hp, p.Q), x.dtype)
-    np.copyto(xs, as_strided(xp, shape=xs.shape, writeable=False,
-                             strides=(sC, sW * p.dil_w, sN, sH, sW * p.stride_w)))
+    xs = _column_taps(p, xp)
     it, pq, row = xs.itemsize, p.P * p.Q, p.N * hp * p.Q
     lhs = as_strided(xs, shape=(p.N, p.R, p.groups, p.Cg * p.S, pq), writeable=False,
                      strides=(hp * p.Q * it, p.dil_h * p.Q * it, p.Cg * p.S * row * it,
