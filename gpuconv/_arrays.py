@@ -28,6 +28,11 @@ def is_cupy_array(a) -> bool:
 
 def array_module(*arrays):
     """numpy or cupy for a set of arrays (None entries ignored); TypeError if they mix."""
+    for a in arrays:  # the common case first: plain NumPy arrays (or None)
+        if a is not None and type(a) is not np.ndarray:
+            break
+    else:
+        return np
     kinds = set()
     for a in arrays:
         if a is None:

@@ -896,13 +896,29 @@ class Sequential(_ModuleSequence, Module):
         return grad_output if needs_input_grad else None
 
 
+_TAKES_NEEDS_INPUT_GRAD = {}
+
+
+def _takes_needs_input_grad(method):
+    """Whether a bound backward accepts needs_input_grad= (inspect.signature, ~50 us, once per
+    class's function; a method set on the instance is looked at every time)."""
+    fn = getattr(method, "__func__", None)
+    if fn is None or getattr(method, "__self__", None) is None:
+        return "needs_input_grad" in inspect.signature(method).parameters
+    v = _TAKES_NEEDS_INPUT_GRAD.get(fn)
+    if v is None:
+        v = _TAKES_NEEDS_INPUT_GRAD[fn] = "needs_input_grad" in inspect.signature(
+            method).parameters
+    return v
+
+
 def _has_trainable(module):
     return any(p.requires_grad for p in module.parameters())
 
 
 def _backward_params_only(module, grad_output):
     """module.backward for its parameters' gradients only (its input gradient unused)."""
-    if "needs_input_grad" in inspect.signature(module.backward).parameters:
+    if _takes_needs_input_grad(module.backward):
         module.backward(grad_output, needs_input_grad=False)
     else:
         module.backward(grad_output)

@@ -75,10 +75,14 @@ def test_no_split_on_one_thread_small_ops_or_inside_a_part(monkeypatch):
 def test_off_by_default_and_set_by_the_environment_or_the_call(monkeypatch):
     monkeypatch.setattr(ct, "_cores", lambda: 8)
     monkeypatch.delenv("GPUCONV_CPU_THREADS", raising=False)
+    ct.set_num_threads(None)  # (re)reads the environment
     assert ct.get_num_threads() == 1 and ct.parts(64, 1 << 30) is None
     monkeypatch.setenv("GPUCONV_CPU_THREADS", "3")
+    assert ct.get_num_threads() == 1  # read once, as OMP_NUM_THREADS: a change needs the call
+    ct.set_num_threads(None)
     assert ct.get_num_threads() == 3
     monkeypatch.setenv("GPUCONV_CPU_THREADS", "two")
+    ct.set_num_threads(None)
     with pytest.raises(ValueError, match="GPUCONV_CPU_THREADS"):
         ct.get_num_threads()
     ct.set_num_threads(16)
@@ -320,3 +324,17 @@ def test_blas_note_only_when_the_environment_pins_avx2_kernels_on_an_avx512_cpu(
     assert bk.note({"OPENBLAS_CORETYPE": "Haswell"}, {"avx2", "avx512f"}) is None  # no AVX-512BW
     assert bk.note({"OPENBLAS_CORETYPE": "SkylakeX"}, avx512) is None
     assert bk.note({}, avx512) is None
+
+
+def test_a_split_fprop_keeps_no_column_matrix_for_wgrad(split):
+    # Each thread keeps its own matrix, and which thread runs a part varies run to run: a kept
+    # matrix would switch the wgrad part that finds it to the other summation order.
+    p, x, w, b, dy = _problem(PROBLEMS[0], batch=4)
+    ne._tls.__dict__.pop("fprop_col", None)
+    with ne.keep_columns():
+        ne.conv_fprop(p, x, w, b)
+    assert "fprop_col" not in ne._tls.__dict__  # the caller ran part 0 and kept nothing
+    ct.set_num_threads(1)
+    with ne.keep_columns():
+        ne.conv_fprop(p, x, w, b)
+    assert ne._tls.fprop_col[0] == p  # unsplit, the matrix is kept as before

@@ -43,12 +43,13 @@ _blas = None  # threadpoolctl's controllers of the BLAS libraries NumPy loaded (
 
 def set_num_threads(n) -> None:
     """Threads for the NumPy engine's split ops: an int >= 1 (1: no split), or None for the
-    environment variable GPUCONV_CPU_THREADS (default 1)."""
-    global _num_threads
+    environment variable GPUCONV_CPU_THREADS (default 1), read again by this call."""
+    global _num_threads, _env_seen
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"num_threads must be an int >= 1 or None, got {n!r}")
     _num_threads = n
+    _env_seen = None
 
 
 def get_num_threads() -> int:
@@ -57,7 +58,20 @@ def get_num_threads() -> int:
     return 1 if n == 1 else max(1, min(n, _cores()))
 
 
+_env_seen = None  # (pid, GPUCONV_CPU_THREADS parsed)
+
+
 def _env_threads():
+    """GPUCONV_CPU_THREADS, read when first needed (and after set_num_threads(None) or a fork),
+    as OMP_NUM_THREADS is read once: os.environ costs ~3 us a lookup, and get_num_threads runs
+    ~30 times in a small model's training step."""
+    global _env_seen
+    if _env_seen is None or _env_seen[0] != os.getpid():
+        _env_seen = (os.getpid(), _parse_env_threads())
+    return _env_seen[1]
+
+
+def _parse_env_threads():
     v = os.environ.get("GPUCONV_CPU_THREADS", "").strip()
     if not v:
         return 1
@@ -97,6 +111,24 @@ def _blas_controllers():
     return _blas
 
 
+def in_part():
+    """True while this thread runs a part of a split op (run), on the pool or on the caller."""
+    return getattr(_state, "part", False)
+
+
+class _part:
+    """Marks this thread as running a part of a split op (in_part) inside the block."""
+
+    __slots__ = ("prev",)
+
+    def __enter__(self):
+        self.prev = getattr(_state, "part", False)
+        _state.part = True
+
+    def __exit__(self, *exc):
+        _state.part = self.prev
+
+
 def blas_threads():
     """The threads one BLAS call of this thread runs on now: 1 inside a pool part or a serial()
     block (see there), or without a BLAS threadpoolctl can see."""
@@ -126,7 +158,8 @@ def _worker(q):
             continue  # the caller took this part over while this thread was waking up
         _state.busy = True
         try:
-            fn(i, a, b)
+            with _part():
+                fn(i, a, b)
             run_.done.put(None)
         except BaseException as e:  # handed to the caller, which re-raises it
             run_.done.put(e)
@@ -192,8 +225,9 @@ def run(fn, ranges):
     all at once; returns when all are done and re-raises the first error. Serial when another
     thread holds the pool (or this is one of its parts)."""
     if len(ranges) == 1 or getattr(_state, "busy", False) or not _lock.acquire(blocking=False):
-        for i, (a, b) in enumerate(ranges):
-            fn(i, a, b)
+        with _part():
+            for i, (a, b) in enumerate(ranges):
+                fn(i, a, b)
         return
     try:
         with _one_blas_thread():
@@ -204,9 +238,10 @@ def run(fn, ranges):
             errors = []
             _state.busy = True
             try:
-                for i, (a, b) in enumerate(ranges):  # part 0, then any part not yet started
-                    if run_.claim(i, worker=False):
-                        fn(i, a, b)
+                with _part():
+                    for i, (a, b) in enumerate(ranges):  # part 0, then any part not yet started
+                        if run_.claim(i, worker=False):
+                            fn(i, a, b)
             except BaseException as e:
                 errors.append(e)
                 for i in range(len(ranges)):  # parts nobody started: nobody will

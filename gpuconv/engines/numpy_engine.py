@@ -100,6 +100,20 @@ _tls = threading.local()
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+def _strided(a, shape, strides):
+    """A read-only view of `a` with this shape and these byte strides (from a's first element).
+
+    For a C-contiguous `a` the view is built by the ndarray constructor over a's buffer, which
+    also checks that every element lies inside `a`; NumPy's as_strided (kept for the other
+    layouts) goes through an __array_interface__ object and cost ~8 us a call, ~4% of a small
+    model's training step that makes ~10 such views."""
+    if a.flags.c_contiguous:
+        v = np.ndarray(shape, a.dtype, a, 0, strides)
+        v.flags.writeable = False
+        return v
+    return as_strided(a, shape=shape, strides=strides, writeable=False)
+
 def _pad(x, top, bottom, left, right, value=0.0, slot="pad"):
     """x with `value` rows/columns around it; into a reusable scratch buffer unless slot=None
     (the result is then only valid until the next _pad of the same slot in this thread)."""
@@ -198,6 +212,13 @@ class keep_columns:  # noqa: N801  (a context manager, named like contextlib's)
 
 
 def _remember_col(p, x, col):
+    if _threads.in_part():
+        # A part of a batch split over the pool runs on whichever thread takes it (the caller
+        # takes over parts no worker has started), and each thread keeps its own matrix: which
+        # wgrad part found its matrix, and so took the other summation order, changed run to
+        # run (a training step's weight gradient differed in 31 of 72 elements).
+        _tls.__dict__.pop("fprop_col", None)
+        return
     if col.nbytes > SCRATCH_KEEP_BYTES:  # not a kept slot buffer: do not hold it alive
         _tls.__dict__.pop("fprop_col", None)
         return
@@ -207,6 +228,8 @@ def _remember_col(p, x, col):
 
 
 def _recall_col(p, x):
+    if _threads.in_part():  # (see _remember_col)
+        return None
     hit = _tls.__dict__.get("fprop_col")
     if hit is None or hit[0] != p or hit[1] != _tls.gens.get("col"):
         return None
@@ -239,9 +262,9 @@ def _im2col(p: ConvProblem, x, slot="col"):
         return _im2col_two_stage(p, xp, col)
     if col.size <= SMALL_IM2COL:  # one strided copy: per-call overhead dominates small layers
         sN, sC, sH, sW = xp.strides
-        np.copyto(col, as_strided(xp, shape=col.shape, writeable=False,
-                                  strides=(sC * p.Cg, sC, sH * p.dil_h, sW * p.dil_w, sN,
-                                           sH * p.stride_h, sW * p.stride_w)))
+        np.copyto(col, _strided(xp, shape=col.shape,
+                                strides=(sC * p.Cg, sC, sH * p.dil_h, sW * p.dil_w, sN,
+                                         sH * p.stride_h, sW * p.stride_w)))
         return col.reshape(p.groups, p.Cg * p.R * p.S, p.N * p.P * p.Q)
     phases = {}
     for r in range(p.R):
@@ -283,7 +306,7 @@ def _column_taps(p: ConvProblem, xp, per_image=False):
     else:
         shape, strides = (p.C, p.S, p.N, hp, p.Q), (sC, sW * p.dil_w, sN, sH, sW * p.stride_w)
     xs = _scratch("col_rows", shape, xp.dtype)
-    np.copyto(xs, as_strided(xp, shape=shape, writeable=False, strides=strides))
+    np.copyto(xs, _strided(xp, shape=shape, strides=strides))
     return xs
 
 
@@ -301,8 +324,8 @@ def _im2col_two_stage(p: ConvProblem, xp, col):
     tC, tS, tN, tH, _ = xs.strides
     pq = p.P * p.Q
     dst = col.reshape(p.C, p.R, p.S, p.N, pq)
-    np.copyto(dst, as_strided(xs, shape=dst.shape, writeable=False,
-                              strides=(tC, tH * p.dil_h, tS, tN, xs.itemsize)))
+    np.copyto(dst, _strided(xs, shape=dst.shape,
+                            strides=(tC, tH * p.dil_h, tS, tN, xs.itemsize)))
     return col.reshape(p.groups, p.Cg * p.R * p.S, p.N * pq)
 
 
@@ -534,7 +557,7 @@ def _flat_windows(p: ConvProblem, planes, block=32):
         b1 = min(nb, b0 + block)
         n = b1 - b0
         xpad[:n, p.pad_h:p.pad_h + p.H, p.pad_w:p.pad_w + p.W] = planes[b0:b1]
-        np.copyto(col[:n], as_strided(buf, shape=(n, p.R, p.S, L), writeable=False, strides=(
+        np.copyto(col[:n], _strided(buf, shape=(n, p.R, p.S, L), strides=(
             hp * wp * it, p.dil_h * wp * it, p.dil_w * it, it)))
         yield b0, b1, col[:n].reshape(n, p.R * p.S, L), wp
 
@@ -634,9 +657,9 @@ def _wgrad_split_taps(p: ConvProblem, x, dy):
     hp = xp.shape[2]
     xs = _column_taps(p, xp)
     it, pq, row = xs.itemsize, p.P * p.Q, p.N * hp * p.Q
-    lhs = as_strided(xs, shape=(p.N, p.R, p.groups, p.Cg * p.S, pq), writeable=False,
-                     strides=(hp * p.Q * it, p.dil_h * p.Q * it, p.Cg * p.S * row * it,
-                              row * it, it))
+    lhs = _strided(xs, shape=(p.N, p.R, p.groups, p.Cg * p.S, pq),
+                   strides=(hp * p.Q * it, p.dil_h * p.Q * it, p.Cg * p.S * row * it,
+                            row * it, it))
     dyg = dy.reshape(p.N, 1, p.groups, p.Kg, pq).transpose(0, 1, 2, 4, 3)
     dw = np.matmul(lhs, dyg).sum(axis=0)  # (R, G, Cg*S, Kg)
     return np.ascontiguousarray(dw.reshape(p.R, p.groups, p.Cg, p.S, p.Kg).transpose(
@@ -757,7 +780,7 @@ def _dgrad_split_taps(p, w, dy, dx):
         strides = (sN, sK, sW * p.dil_w, sH, sW)
         rhs = dys.reshape(p.N, p.groups, p.Kg * p.S, pw)
         e = _scratch("dgrad_e", (p.N, p.groups, p.Cg * p.R, pw), dy.dtype)
-    np.copyto(dys, as_strided(base, shape=dys.shape, writeable=False, strides=strides))
+    np.copyto(dys, _strided(base, shape=dys.shape, strides=strides))
     np.matmul(wm, rhs, out=e)
     e = (e.reshape(p.C, p.R, p.N, p.P, p.W).transpose(2, 0, 1, 3, 4) if one_gemm else
          e.reshape(p.N, p.C, p.R, p.P, p.W))
@@ -933,8 +956,8 @@ def _pool_taps_max(pp: PoolProblem, xp, x, out=None):
         # cost dominated small planes: a 2x2 pool of 32x32x4x4 took 185 us, 12 us a pass).
         sN, sC, sH, sW = xp.strides
         stack = _scratch("pool_taps", (len(taps),) + taps[0].shape, xp.dtype)
-        np.copyto(stack.reshape((pp.R, pp.S) + taps[0].shape), as_strided(
-            xp, shape=(pp.R, pp.S) + taps[0].shape, writeable=False,
+        np.copyto(stack.reshape((pp.R, pp.S) + taps[0].shape), _strided(
+            xp, shape=(pp.R, pp.S) + taps[0].shape,
             strides=(sH * pp.dil_h, sW * pp.dil_w, sN, sC, sH * pp.stride_h, sW * pp.stride_w)))
         taps = list(stack)
     y = (out[0] if out is not None else _mem.empty(taps[0].shape, xp.dtype) if plain else
