@@ -57,6 +57,22 @@ def test_max_pool_nan_propagates_and_first_nan_wins():
     assert not np.isnan(y[0, 0, 1, 1])
 
 
+def test_max_pool_2x2_nan_outside_every_window_changes_nothing():
+    # The pairwise 2x2 path checks y (not x) for NaN: a NaN in the last row of an odd-height
+    # input is read by no window, so the result is that of the same input without it.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    y0, i0 = gc.max_pool2d(x, 2, return_indices=True)
+    x[1, 2, 4, 1] = np.nan
+    y1, i1 = gc.max_pool2d(x, 2, return_indices=True)
+    np.testing.assert_array_equal(y0, y1)
+    np.testing.assert_array_equal(i0, i1)
+    x[0, 1, 3, 2] = np.nan  # read by window (1, 1) of plane (0, 1): first NaN wins there
+    y2, i2 = gc.max_pool2d(x, 2, return_indices=True)
+    assert np.isnan(y2[0, 1, 1, 1]) and i2[0, 1, 1, 1] == 3 * 4 + 2
+    assert np.isnan(y2).sum() == 1
+
+
 def test_max_pool_all_minus_inf_window_credits_an_input_element():
     x = np.full((1, 1, 3, 3), -np.inf)
     y, idx = gc.max_pool2d(x, 2, stride=2, padding=1, return_indices=True)

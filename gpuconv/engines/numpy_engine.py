@@ -946,32 +946,40 @@ def _pool_taps_max(pp: PoolProblem, xp, x, out=None):
     """pool_fprop's running maximum over the -inf padded input `xp` (of x), into out = (y, idx)
     if given. Its arrays follow the memory layout of `xp` (copies and allocations in 'K'
     order), so that numpy_nhwc runs it unchanged on the logical views of channels_last memory."""
-    taps = [xp[:, :, r * pp.dil_h:r * pp.dil_h + pp.stride_h * (pp.P - 1) + 1:pp.stride_h,
-               s * pp.dil_w:s * pp.dil_w + pp.stride_w * (pp.Q - 1) + 1:pp.stride_w]
-            for r in range(pp.R) for s in range(pp.S)]
     plain = xp.flags.c_contiguous  # NCHW: results from cpu_memory, temporaries from _scratch
+    shape = xp.shape[:2] + (pp.P, pp.Q)
     if plain and POOL_STACK_TAPS:
         # All taps in one strided copy, (R*S, N, C, P, Q): every pass below then runs over
         # contiguous memory instead of rows of Q strided elements (the ufunc loop's per-row
         # cost dominated small planes: a 2x2 pool of 32x32x4x4 took 185 us, 12 us a pass).
         sN, sC, sH, sW = xp.strides
-        stack = _scratch("pool_taps", (len(taps),) + taps[0].shape, xp.dtype)
-        np.copyto(stack.reshape((pp.R, pp.S) + taps[0].shape), _strided(
-            xp, shape=(pp.R, pp.S) + taps[0].shape,
+        stack = _scratch("pool_taps", (pp.R * pp.S,) + shape, xp.dtype)
+        np.copyto(stack.reshape((pp.R, pp.S) + shape), _strided(
+            xp, shape=(pp.R, pp.S) + shape,
             strides=(sH * pp.dil_h, sW * pp.dil_w, sN, sC, sH * pp.stride_h, sW * pp.stride_w)))
         taps = list(stack)
-    y = (out[0] if out is not None else _mem.empty(taps[0].shape, xp.dtype) if plain else
-         np.empty_like(taps[0], order="K"))
-    has_nan = x.size > 0 and bool(np.isnan(x.max()))  # max carries NaN: no bool temporary
-    if POOL_PAIRWISE_2X2 and plain and pp.R == pp.S == 2 and not has_nan:
-        kr, ks = _pool_2x2_max(taps, y)
     else:
+        taps = [xp[:, :, r * pp.dil_h:r * pp.dil_h + pp.stride_h * (pp.P - 1) + 1:pp.stride_h,
+                   s * pp.dil_w:s * pp.dil_w + pp.stride_w * (pp.Q - 1) + 1:pp.stride_w]
+                for r in range(pp.R) for s in range(pp.S)]
+    y = (out[0] if out is not None else _mem.empty(shape, xp.dtype) if plain else
+         np.empty_like(taps[0], order="K"))
+    kr = None
+    if POOL_PAIRWISE_2X2 and plain and pp.R == pp.S == 2:
+        kr, ks = _pool_2x2_max(taps, y)
+        # Pairwise maxima carry a NaN of a window into y, so NaN anywhere in y is the sign of
+        # a NaN input (one that no window reads changes nothing): then the running maximum
+        # below, which picks the first NaN as PyTorch does. (Checked on y, 1/4 of x: a pass
+        # over x cost ~1/6 of the pool.)
+        if y.size and np.isnan(y.max()):
+            kr = None
+    if kr is None:
+        has_nan = x.size > 0 and bool(np.isnan(x.max()))  # max carries NaN: no bool temporary
         kr, ks = _pool_running_max(pp, taps, y, plain, has_nan)
     # input index = window origin + the winning tap's offset, kr*dil_h*W + ks*dil_w, computed
     # from the narrow kr, ks (a table lookup offset[k] with int16 k took 3 ms on 64x32x14x14
     # outputs, this arithmetic 0.4 ms)
-    origin = ((np.arange(pp.P) * pp.stride_h - pp.pad_h) * pp.W)[:, None] \
-        + (np.arange(pp.Q) * pp.stride_w - pp.pad_w)[None, :]
+    origin = _pool_origin(pp.P, pp.Q, pp.stride_h, pp.stride_w, pp.pad_h, pp.pad_w, pp.W)
     idx = np.multiply(kr, pp.dil_h * pp.W, dtype=np.int64, out=out[1] if out is not None else
                       _mem.empty(y.shape, np.int64) if plain else None)
     idx += np.multiply(ks, pp.dil_w, dtype=np.int64) if pp.dil_w != 1 else ks
@@ -988,6 +996,14 @@ def _pool_taps_max(pp: PoolProblem, xp, x, out=None):
         first = h_first[:, None] * pp.W + w_first[None, :]
         np.copyto(idx, np.where(outside, first, idx))
     return y, idx
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_origin(P, Q, stride_h, stride_w, pad_h, pad_w, W):  # noqa: N803
+    """(P, Q) int64: the flat input index h*W + w of each pooling window's (padded) origin."""
+    o = ((np.arange(P) * stride_h - pad_h) * W)[:, None] + (np.arange(Q) * stride_w - pad_w)
+    o.flags.writeable = False
+    return o
 
 
 def _pool_2x2_max(taps, y):
