@@ -342,3 +342,20 @@ def test_unstable_results_are_marked_in_table_and_markdown():
            "targets": report.target_checks(summary, suites.SUITE_TARGETS)}
     md = report.markdown(doc)
     assert "%!)" in md and "UNSTABLE" in md
+
+
+def test_cpu_kit_counts_page_faults_and_the_table_names_them():
+    from gpuconv.benchmark import report, timing
+    if timing.minor_faults() is None:
+        pytest.skip("no resource module here")
+    kit = timing.CpuKit()
+    fresh = kit.timed(lambda: np.ones(64 << 20, np.uint8), cold=False)  # 64 MiB of new pages
+    reused = np.ones(64 << 20, np.uint8)  # (touched: no fault left in it)
+    again = kit.timed(lambda: reused.fill(2), cold=False)
+    # (>= 32: one a 2 MiB page where the kernel backs the block with transparent huge pages)
+    assert fresh.faults >= 32 and again.faults < fresh.faults / 4
+    rows = _timed_rows({"a": {"numpy": STEADY, "torch-cpu": STEADY}})
+    for r, f in zip(rows, (0.0, 10553.0)):
+        r.update(problem="p", rel_err=0.0, input_sets=1, page_faults=f)
+    text = "\n".join(report.case_block(rows))
+    assert text.count("page faults a call") == 1 and "10,553" in text

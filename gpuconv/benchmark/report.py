@@ -79,9 +79,15 @@ def case_block(rows):
             lines.append(f"      {r['status']}: {r['reason']} -- not timed")
         elif timing.unstable(r):
             lines.append("      UNSTABLE: IQR over 25% of the median; its ratio is not evidence")
+        if (r.get("page_faults") or 0) >= FAULTS_NOTED:
+            lines.append(f"      {r['page_faults']:,.0f} page faults a call (median): memory "
+                         "fresh from the OS each call, part of this time is the kernel's")
         if r.get("algo_info"):
             lines.append(f"      cuDNN chose: {r['algo_info']}")
     return lines
+
+
+FAULTS_NOTED = 256  # page faults a call (1 MiB of fresh pages) worth a line under the row
 
 
 def summary_lines(summary, targets):

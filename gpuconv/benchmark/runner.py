@@ -183,13 +183,16 @@ def run_case(case, backends_, settings, cache_bytes, roofs, case_index=0):
         runners[b.name] = r
     if runners:
         warm = timing.warm_up(runners, n_sets, settings.timing)
+        faults = {}
         samples = timing.sample(runners, n_sets, settings.timing,
-                                {n: w[1] for n, w in warm.items()})
+                                {n: w[1] for n, w in warm.items()}, faults)
         for name, r in runners.items():
             row = by_name[name]
             st = timing.stats(samples[name])
             row.update(samples_s=samples[name], warmup_calls=warm[name][0], **st,
-                       iqr_frac=timing.iqr_fraction(st), unstable=timing.unstable(st))
+                       iqr_frac=timing.iqr_fraction(st), unstable=timing.unstable(st),
+                       page_faults=(float(np.median(faults[name])) if faults.get(name)
+                                    else None))
             try:
                 row["workspace_bytes"], row["workspace_how"] = r.workspace_bytes()
             except Exception as e:

@@ -293,10 +293,14 @@ def run_model(model_name, batch, settings, n_batches=4, profile_steps=5, seed=0)
     g = GpuconvSide(build(np.random.default_rng(seed)), batches, kit)
     sides = {g.name: g, "torch-cpu": TorchSide(g.model, batches, kit)}
     warm = timing.warm_up(sides, n_batches, settings)
-    samples = timing.sample(sides, n_batches, settings, {n: w[1] for n, w in warm.items()})
+    faults = {}
+    samples = timing.sample(sides, n_batches, settings, {n: w[1] for n, w in warm.items()},
+                            faults)
     for name, s in samples.items():
         st = timing.stats(s)
-        row[name] = dict(st, samples_s=s, unstable=timing.unstable(st))
+        row[name] = dict(st, samples_s=s, unstable=timing.unstable(st),
+                         page_faults=float(np.median(faults[name])) if faults.get(name)
+                         else None)
     med = {n: row[n]["median_s"] for n in sides}
     mins = {n: row[n]["min_s"] for n in sides}
     row["ratio"] = med[g.name] / med["torch-cpu"]
@@ -338,6 +342,13 @@ def lines(rows, limit):
                    f"{report.fmt_time(t['median_s']):>13} {_iqr(t):>6} "
                    f"{report.fmt_time(t['min_s']):>10} {r['ratio']:>6.2f} {r['ratio_min']:>6.2f}"
                    f"  {verdict(r, limit)}")
+    for r in rows:
+        if r["status"] == "ok":
+            pf = [(n, r[n].get("page_faults")) for n in ("gpuconv-numpy", "torch-cpu")]
+            if any((v or 0) >= report.FAULTS_NOTED for _, v in pf):
+                out.append(f"  {r['model']}: page faults a step (median) " + ", ".join(
+                    f"{n} {v:,.0f}" for n, v in pf if v is not None)
+                    + " (fresh memory from the OS: part of that step's time is the kernel's)")
     for r in rows:
         prof = r.get("profile")
         if not prof:
