@@ -338,3 +338,28 @@ def test_a_split_fprop_keeps_no_column_matrix_for_wgrad(split):
     with ne.keep_columns():
         ne.conv_fprop(p, x, w, b)
     assert ne._tls.fprop_col[0] == p  # unsplit, the matrix is kept as before
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_reads_the_environment_again(monkeypatch):
+    import os
+    monkeypatch.setattr(ct, "_cores", lambda: 8)
+    monkeypatch.delenv("GPUCONV_CPU_THREADS", raising=False)
+    ct.set_num_threads(None)
+    try:
+        assert ct.get_num_threads() == 1  # read (and held) in the parent
+        monkeypatch.setenv("GPUCONV_CPU_THREADS", "3")
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its own read, without a set_num_threads(None)
+            try:
+                os.write(w, str(ct.get_num_threads()).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        assert os.read(r, 16) == b"3"
+        os.close(r)
+        assert ct.get_num_threads() == 1  # the parent keeps its reading
+    finally:
+        ct.set_num_threads(None)

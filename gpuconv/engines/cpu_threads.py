@@ -58,7 +58,7 @@ def get_num_threads() -> int:
     return 1 if n == 1 else max(1, min(n, _cores()))
 
 
-_env_seen = None  # (pid, GPUCONV_CPU_THREADS parsed)
+_env_seen = None  # GPUCONV_CPU_THREADS parsed; reset in a forked child
 
 
 def _env_threads():
@@ -66,9 +66,9 @@ def _env_threads():
     as OMP_NUM_THREADS is read once: os.environ costs ~3 us a lookup, and get_num_threads runs
     ~30 times in a small model's training step."""
     global _env_seen
-    if _env_seen is None or _env_seen[0] != os.getpid():
-        _env_seen = (os.getpid(), _parse_env_threads())
-    return _env_seen[1]
+    if _env_seen is None:
+        _env_seen = _parse_env_threads()
+    return _env_seen
 
 
 def _parse_env_threads():
@@ -85,19 +85,31 @@ def _parse_env_threads():
 
 
 def _cores():
-    """The cores this process may run on (read once per process: a syscall per op would be a
-    few percent of a small model's step)."""
+    """The cores this process may run on (read once per process, and again in a forked child:
+    a syscall per op would be a few percent of a small model's step)."""
     global _cores_seen
-    if _cores_seen is None or _cores_seen[0] != os.getpid():
+    if _cores_seen is None:
         try:
             n = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             n = os.cpu_count() or 1
-        _cores_seen = (os.getpid(), n)
-    return _cores_seen[1]
+        _cores_seen = n
+    return _cores_seen
 
 
 _cores_seen = None
+
+
+def _forget_after_fork():
+    """In a forked child: read the environment and the allowed cores again (the child may run
+    elsewhere). A hook rather than an os.getpid() per call: on this VM the syscall showed up at
+    ~3% of a small model's training step."""
+    global _env_seen, _cores_seen
+    _env_seen = _cores_seen = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _blas_controllers():
