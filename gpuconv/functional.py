@@ -190,6 +190,26 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     return _run(xp, "pool_dgrad", pp, grad_output, indices)
 
 
+def _relu_max_pool2d_backward(x, grad_output, indices, kernel_size, stride=None, padding=0,
+                              dilation=1, ceil_mode=False, winners_mask=None):
+    """relu_backward(x, max_pool2d_backward(grad_output, indices, x.shape, ...)), the same
+    values bit for bit: for a ReLU whose output went into a max-pool (gpuconv.nn.Sequential
+    calls it for that pair). Non-overlapping NCHW pools on the NumPy engine take one pass over
+    the pooled positions (numpy_engine.relu_pool_dgrad); everything else runs the two steps.
+    winners_mask: ~(x <= 0) at each window's winner, grad_output's shape, uint8, if known."""
+    xp = check_arrays([("input", x), ("grad_output", grad_output)],
+                      ndim={"input": 4, "grad_output": 4})
+    pp = PoolProblem.from_args(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    check_shape("grad_output", grad_output, pp.y_shape)
+    check_shape("indices", indices, pp.y_shape)
+    if xp is np and pp.N and type(indices) is np.ndarray and indices.dtype == np.int64:
+        dx = _numpy_engine().relu_pool_dgrad(pp, x, grad_output, indices, winners_mask)
+        if dx is not None:
+            return dx
+    return relu_backward(x, max_pool2d_backward(grad_output, indices, x.shape, kernel_size,
+                                                stride, padding, dilation, ceil_mode))
+
+
 # ---------------------------------------------------------------------------------------------
 # activations
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from . import functional as F
 from ._arrays import (CPU_DTYPES, GPU_DTYPES, check_arrays, check_shape, is_cupy_array,
                       memory_format, to_format)
 from .device import device_of, get_array_module, parse_device, to_device
+from .engines import cpu_memory as _cpu_memory
 from .engines import cpu_threads as _cpu_threads
 from .engines import numpy_engine as _numpy_engine
 from .problem import ConvProblem, PoolProblem, _pair
@@ -678,8 +679,23 @@ class MaxPool2d(Module):
         self._keep((x.shape, idx))
         return y
 
+    def _forward_after_relu(self, x):
+        """forward, for an input that is a ReLU's output (gpuconv.nn.Sequential): also keeps
+        ~(y <= 0) as uint8, which is the ReLU's mask ~(x_relu <= 0) at each window's winner
+        (y = max(x_relu, 0) there: > 0 exactly where x_relu > 0, NaN where it is NaN), taken
+        now, before anything can change y; _relu_pool_backward then reads no x."""
+        y, idx = F.max_pool2d(x, return_indices=True, **self.args)
+        if self.training and _GRAD_MODE.enabled:
+            mask = None
+            if type(y) is np.ndarray:  # (a reused buffer: no fresh pages every step)
+                mask = np.less_equal(y, 0, out=_cpu_memory.empty(y.shape, np.bool_))
+                np.logical_not(mask, out=mask)
+                mask = mask.view(np.uint8)
+            self._keep((x.shape, idx) if mask is None else (x.shape, idx, mask))
+        return y
+
     def backward(self, grad_output):
-        x_shape, idx = self._saved()
+        x_shape, idx = self._saved()[:2]
         # dx in the input's memory format (PyTorch's), which the indices carry
         grad_output = _in_format(grad_output, memory_format(idx))
         return F.max_pool2d_backward(grad_output, idx, x_shape, **self.args)
@@ -868,8 +884,13 @@ class Sequential(_ModuleSequence, Module):
         return cls(*layers)
 
     def forward(self, x):
+        prev = None
         for layer in self:
-            x = layer(x)
+            if _relu_then_pool(prev, layer, "forward"):
+                x = layer._forward_after_relu(x)  # also keeps the winners' ReLU mask
+            else:
+                x = layer(x)
+            prev = layer
         return x
 
     def backward(self, grad_output, needs_input_grad=True):
@@ -886,11 +907,16 @@ class Sequential(_ModuleSequence, Module):
         start = 0 if needs_input_grad else next(
             (i for i, m in enumerate(layers) if _has_trainable(m)), len(layers))
         with _forget_on_error(self):
-            for i in range(len(layers) - 1, start - 1, -1):
+            i = len(layers) - 1
+            while i >= start:
                 if i == start and not needs_input_grad:
                     _backward_params_only(layers[i], grad_output)
+                elif i - 1 >= start and _relu_then_pool(layers[i - 1], layers[i]):
+                    grad_output = _relu_pool_backward(layers[i - 1], layers[i], grad_output)
+                    i -= 1
                 else:
                     grad_output = layers[i].backward(grad_output)
+                i -= 1
             for layer in layers[:start]:
                 _use_up_forward(layer)
         return grad_output if needs_input_grad else None
@@ -910,6 +936,33 @@ def _takes_needs_input_grad(method):
         v = _TAKES_NEEDS_INPUT_GRAD[fn] = "needs_input_grad" in inspect.signature(
             method).parameters
     return v
+
+
+FUSE_RELU_POOL = True  # Sequential: a ReLU followed by a MaxPool2d back-propagated in one step
+
+
+def _relu_then_pool(a, b, method="backward"):
+    """Whether Sequential may run a's and b's `method` as one (MaxPool2d._forward_after_relu,
+    _relu_pool_backward): exactly a ReLU then a MaxPool2d, neither with that method replaced
+    on the instance (a profiler's wrapper, say, must see its calls)."""
+    return (FUSE_RELU_POOL and type(a) is ReLU and type(b) is MaxPool2d
+            and method not in a.__dict__ and method not in b.__dict__)
+
+
+def _relu_pool_backward(relu, pool, grad_output):
+    """relu.backward(pool.backward(grad_output)) with the same values and the same safety
+    checks (both kept forwards are used up); on the NumPy engine one pass over the pooled
+    positions instead of three over the ReLU's whole input and the pool's gradient (see
+    bench/NOTES.md, issue 11 seventh session). The ReLU's mask at the pool's winners is the
+    one MaxPool2d._forward_after_relu kept, when that forward ran; else it is read from x."""
+    saved = pool._saved()
+    x_shape, idx = saved[:2]
+    x, _ = relu._saved()
+    grad_output = _in_format(grad_output, memory_format(idx))
+    if tuple(x.shape) != tuple(x_shape):  # not the pair's own forwards: the two steps raise
+        return F.relu_backward(x, F.max_pool2d_backward(grad_output, idx, x_shape, **pool.args))
+    return F._relu_max_pool2d_backward(x, grad_output, idx, **pool.args,
+                                       winners_mask=saved[2] if len(saved) > 2 else None)
 
 
 def _has_trainable(module):

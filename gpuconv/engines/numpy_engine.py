@@ -1076,11 +1076,55 @@ def pool_dgrad(pp: PoolProblem, dy, idx):
     return dx
 
 
+def relu_pool_dgrad(pp: PoolProblem, x, dy, idx, winners_mask=None):
+    """dL/dx through ReLU then a max-pool that does not overlap, in one pass over the winners:
+    dx = relu_dgrad(x, pool_dgrad(pp, dy, idx)), or None where this shortcut does not apply
+    (channels_last or strided arrays, overlapping windows, a batch split over the pool).
+
+    Apart from the zero fill, it touches only the pooled positions (1/4 of a 2x2 pool's
+    input): the ReLU mask is read at the winners only, instead of three passes over the whole
+    of x and the pool's dx. The values are those of the two steps bit for bit: dy * (x > 0 or
+    NaN) at each winner (a negative dy times 0 stays -0.0), 0 elsewhere, and np.where for a
+    non-finite dy where x <= 0 (0 there, as PyTorch). winners_mask, if given, is that mask
+    ~(x <= 0) at each winner (uint8, dy's shape), so that x is not read at all."""
+    if not (x.flags.c_contiguous and dy.flags.c_contiguous and idx.flags.c_contiguous
+            and pp.stride_h > pp.dil_h * (pp.R - 1) and pp.stride_w > pp.dil_w * (pp.S - 1)
+            and _threads.parts(pp.N, pp.N * pp.C * pp.H * pp.W) is None):
+        return None
+    nc, plane = pp.N * pp.C, pp.H * pp.W
+    flat = _scratch("pool_flat", (nc, pp.P * pp.Q), np.int64)
+    np.add(idx.reshape(nc, -1), _plane_offsets(nc, plane), out=flat)
+    flat = flat.reshape(-1)
+    if winners_mask is not None and winners_mask.shape == dy.shape \
+            and winners_mask.dtype == np.uint8 and winners_mask.flags.c_contiguous:
+        mask = winners_mask.reshape(-1)
+    else:
+        xw = np.take(x.reshape(-1), flat, out=_scratch("relu_pool_x", flat.shape, x.dtype))
+        mask = np.less_equal(xw, 0, out=_scratch("relu_pool_mask", flat.shape, np.bool_))
+        mask = np.logical_not(mask, out=mask).view(np.uint8)
+    with np.errstate(invalid="ignore"):
+        vals = np.multiply(dy.reshape(-1), mask, dtype=dy.dtype,
+                           out=_scratch("relu_pool_v", flat.shape, dy.dtype))
+    if not np.isfinite(vals).all():
+        vals[...] = np.where(mask == 0, x.dtype.type(0), dy.reshape(-1))
+    dx = _mem.zeros(nc * plane, dy.dtype)
+    dx[flat] = vals
+    return dx.reshape(pp.x_shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _plane_offsets(nc, plane):
+    """(nc, 1) int64: the flat offset of each (image, channel) plane. Read-only."""
+    o = (np.arange(nc, dtype=np.int64) * plane)[:, None]
+    o.flags.writeable = False
+    return o
+
+
 def _pool_dgrad(pp, dy, idx, out=None):
     nc = pp.N * pp.C
     plane = pp.H * pp.W
     flat = _scratch("pool_flat", (nc, pp.P * pp.Q), np.int64)
-    np.add(idx.reshape(nc, -1), (np.arange(nc) * plane)[:, None], out=flat)
+    np.add(idx.reshape(nc, -1), _plane_offsets(nc, plane), out=flat)
     flat = flat.reshape(-1)
     if pp.stride_h > pp.dil_h * (pp.R - 1) and pp.stride_w > pp.dil_w * (pp.S - 1):
         if out is None:
