@@ -687,7 +687,10 @@ class MaxPool2d(Module):
         y, idx = F.max_pool2d(x, return_indices=True, **self.args)
         if self.training and _GRAD_MODE.enabled:
             mask = None
-            if type(y) is np.ndarray:  # (a reused buffer: no fresh pages every step)
+            pp = PoolProblem.from_args(x.shape, **self.args)
+            if type(y) is np.ndarray and pp.stride_h > pp.dil_h * (pp.R - 1) \
+                    and pp.stride_w > pp.dil_w * (pp.S - 1):  # (only these pools use it)
+                # (a reused buffer: no fresh pages every step)
                 mask = np.less_equal(y, 0, out=_cpu_memory.empty(y.shape, np.bool_))
                 np.logical_not(mask, out=mask)
                 mask = mask.view(np.uint8)

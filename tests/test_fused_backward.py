@@ -137,3 +137,15 @@ def test_a_replaced_backward_on_the_instance_is_called(monkeypatch):
     finally:
         del relu.__dict__["backward"]
     assert calls == [(2, 3, 8, 8)]
+
+
+@pytest.mark.parametrize("pool,stride,kept", [(2, None, 3), (3, 3, 3), (3, 2, 2), (2, 1, 2)])
+def test_the_winners_mask_is_kept_only_for_pools_that_use_it(pool, stride, kept):
+    rng = np.random.default_rng(5)
+    model = _model(rng, pool=pool, stride=stride)
+    x = rng.standard_normal((2, 2, 9, 9)).astype(np.float32)
+    model(x)
+    assert len(model[2]._cache) == kept
+    model.eval()
+    model(x)  # an eval forward keeps nothing new
+    assert len(model[2]._cache) == kept and model[2]._forwards == 1
