@@ -299,15 +299,22 @@ def test_stride1_dgrad_split_taps(x_shape, w_shape, kw, one_gemm_flops, monkeypa
 
 
 @pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
-@pytest.mark.parametrize("rows", [0, 10 ** 6])
-def test_both_wgrad_orders_match_naive(case, rows, monkeypatch):
-    """wgrad from the column matrix as one GEMM over N*P*Q (rows=0) and as per-image GEMMs
-    summed (every problem)."""
+@pytest.mark.parametrize("rows,per_image_pq", [(0, 10 ** 9), (10 ** 6, 10 ** 9), (0, 0)])
+def test_every_wgrad_order_matches_naive(case, rows, per_image_pq, monkeypatch):
+    """wgrad from the column matrix as one GEMM over N*P*Q (rows=0), as per-image GEMMs of
+    dy @ col^T summed (every problem), and as per-image col @ dy^T summed (_wgrad_per_image,
+    proven taken where the column matrix is used)."""
     from gpuconv.engines import numpy_engine
     monkeypatch.setattr(numpy_engine, "SMALL_WGRAD_ROWS", rows)
     monkeypatch.setattr(numpy_engine, "WGRAD_SPLIT_TAPS", lambda p: False)
-    _, x_shape, w_shape, kw = case
+    monkeypatch.setattr(numpy_engine, "WGRAD_PER_IMAGE_PQ", per_image_pq)
+    taken = []
+    real = numpy_engine._wgrad_per_image
+    monkeypatch.setattr(numpy_engine, "_wgrad_per_image", lambda *a: taken.append(1) or real(*a))
+    name, x_shape, w_shape, kw = case
     _assert_matches_naive(x_shape, w_shape, kw, seed=16, ops=("wgrad",))
+    if per_image_pq == 0:
+        assert bool(taken) == (not name.startswith(("depthwise", "pointwise")))
 
 
 @pytest.mark.parametrize("case", [c for c in PROBLEMS if c[3].get("stride", 1) in (1, (1, 2))],
