@@ -353,7 +353,8 @@ def lines(rows, limit):
         prof = r.get("profile")
         if not prof:
             continue
-        out += ["", f"Where a {r['model']} step goes (profiling pass, per step):",
+        out += ["", f"Where a {r['model']} step goes (profiling pass, per step; each layer "
+                "timed alone, so gpuconv's ReLU + MaxPool2d pairs run unfused here):",
                 f"  {'part':<30} {'gpuconv':>10} {'share':>6} {'torch':>10} {'share':>6}"]
         sg = {k: (v, f) for k, v, f in shares(prof["gpuconv-numpy"])}
         st = {k: (v, f) for k, v, f in shares(prof["torch-cpu"])}
