@@ -675,26 +675,23 @@ class MaxPool2d(Module):
                          dilation=dilation, ceil_mode=bool(ceil_mode))
 
     def forward(self, x):
-        y, idx = F.max_pool2d(x, return_indices=True, **self.args)
-        self._keep((x.shape, idx))
-        return y
+        return self._forward(x, after_relu=False)
 
-    def _forward_after_relu(self, x):
-        """forward, for an input that is a ReLU's output (gpuconv.nn.Sequential): also keeps
-        ~(y <= 0) as uint8, which is the ReLU's mask ~(x_relu <= 0) at each window's winner
-        (y = max(x_relu, 0) there: > 0 exactly where x_relu > 0, NaN where it is NaN), taken
-        now, before anything can change y; _relu_pool_backward then reads no x."""
+    def _forward(self, x, after_relu):
+        """forward; after_relu (gpuconv.nn.Sequential, for an input that is a ReLU's output)
+        also keeps ~(y <= 0) as uint8, which is the ReLU's mask ~(x_relu <= 0) at each
+        window's winner (y = max(x_relu, 0) there: > 0 exactly where x_relu > 0, NaN where it
+        is NaN), taken now, before anything can change y; _relu_pool_backward then reads no x.
+        Only NumPy arrays and disjoint windows, the only case whose backward uses it."""
         y, idx = F.max_pool2d(x, return_indices=True, **self.args)
-        if self.training and _GRAD_MODE.enabled:
-            mask = None
-            pp = PoolProblem.from_args(x.shape, **self.args)
-            if type(y) is np.ndarray and pp.stride_h > pp.dil_h * (pp.R - 1) \
-                    and pp.stride_w > pp.dil_w * (pp.S - 1):  # (only these pools use it)
-                # (a reused buffer: no fresh pages every step)
-                mask = np.less_equal(y, 0, out=_cpu_memory.empty(y.shape, np.bool_))
-                np.logical_not(mask, out=mask)
-                mask = mask.view(np.uint8)
-            self._keep((x.shape, idx) if mask is None else (x.shape, idx, mask))
+        if after_relu and self.training and _GRAD_MODE.enabled and type(y) is np.ndarray \
+                and PoolProblem.from_args(x.shape, **self.args).disjoint_windows:
+            # (a reused buffer: no fresh pages every step)
+            mask = np.less_equal(y, 0, out=_cpu_memory.empty(y.shape, np.bool_))
+            np.logical_not(mask, out=mask)
+            self._keep((x.shape, idx, mask.view(np.uint8)))
+        else:
+            self._keep((x.shape, idx))
         return y
 
     def backward(self, grad_output):
@@ -890,7 +887,7 @@ class Sequential(_ModuleSequence, Module):
         prev = None
         for layer in self:
             if _relu_then_pool(prev, layer, "forward"):
-                x = layer._forward_after_relu(x)  # also keeps the winners' ReLU mask
+                x = layer._forward(x, after_relu=True)  # also keeps the winners' ReLU mask
             else:
                 x = layer(x)
             prev = layer
@@ -945,7 +942,7 @@ FUSE_RELU_POOL = True  # Sequential: a ReLU followed by a MaxPool2d back-propaga
 
 
 def _relu_then_pool(a, b, method="backward"):
-    """Whether Sequential may run a's and b's `method` as one (MaxPool2d._forward_after_relu,
+    """Whether Sequential may run a's and b's `method` as one (MaxPool2d._forward(after_relu),
     _relu_pool_backward): exactly a ReLU then a MaxPool2d, neither with that method replaced
     on the instance (a profiler's wrapper, say, must see its calls)."""
     return (FUSE_RELU_POOL and type(a) is ReLU and type(b) is MaxPool2d
@@ -957,7 +954,7 @@ def _relu_pool_backward(relu, pool, grad_output):
     checks (both kept forwards are used up); on the NumPy engine one pass over the pooled
     positions instead of three over the ReLU's whole input and the pool's gradient (see
     bench/NOTES.md, issue 11 seventh session). The ReLU's mask at the pool's winners is the
-    one MaxPool2d._forward_after_relu kept, when that forward ran; else it is read from x."""
+    one MaxPool2d._forward(after_relu=True) kept, when that forward ran; else it is read from x."""
     saved = pool._saved()
     x_shape, idx = saved[:2]
     x, _ = relu._saved()

@@ -343,6 +343,13 @@ class PoolProblem:
     def y_shape(self):
         return (self.N, self.C, self.P, self.Q)
 
+    @property
+    def disjoint_windows(self) -> bool:
+        """No two windows share an input position (stride past the dilated window, as in every
+        2x2/2 pool): each input gets at most one output's gradient."""
+        return (self.stride_h > self.dil_h * (self.R - 1)
+                and self.stride_w > self.dil_w * (self.S - 1))
+
     @cached_property  # (read several times per op)
     def pad_h_end(self) -> int:
         """Rows of -inf needed below the input so that every window lies inside the array."""

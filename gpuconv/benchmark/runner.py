@@ -191,8 +191,7 @@ def run_case(case, backends_, settings, cache_bytes, roofs, case_index=0):
             st = timing.stats(samples[name])
             row.update(samples_s=samples[name], warmup_calls=warm[name][0], **st,
                        iqr_frac=timing.iqr_fraction(st), unstable=timing.unstable(st),
-                       page_faults=(float(np.median(faults[name])) if faults.get(name)
-                                    else None))
+                       page_faults=timing.median_faults(faults, name))
             try:
                 row["workspace_bytes"], row["workspace_how"] = r.workspace_bytes()
             except Exception as e:

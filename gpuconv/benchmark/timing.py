@@ -131,6 +131,11 @@ def minor_faults():
     return _resource.getrusage(_resource.RUSAGE_SELF).ru_minflt
 
 
+def median_faults(faults, name):
+    """The median page faults a sample of `name` from sample()'s `faults` dict, or None."""
+    return float(np.median(faults[name])) if faults.get(name) else None
+
+
 class CpuKit:
     """perf_counter around the call; the flush writes a buffer of 2x the last-level cache."""
 

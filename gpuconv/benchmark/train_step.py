@@ -299,8 +299,7 @@ def run_model(model_name, batch, settings, n_batches=4, profile_steps=5, seed=0)
     for name, s in samples.items():
         st = timing.stats(s)
         row[name] = dict(st, samples_s=s, unstable=timing.unstable(st),
-                         page_faults=float(np.median(faults[name])) if faults.get(name)
-                         else None)
+                         page_faults=timing.median_faults(faults, name))
     med = {n: row[n]["median_s"] for n in sides}
     mins = {n: row[n]["min_s"] for n in sides}
     row["ratio"] = med[g.name] / med["torch-cpu"]

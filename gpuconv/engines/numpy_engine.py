@@ -1106,13 +1106,10 @@ def relu_pool_dgrad(pp: PoolProblem, x, dy, idx, winners_mask=None):
     non-finite dy where x <= 0 (0 there, as PyTorch). winners_mask, if given, is that mask
     ~(x <= 0) at each winner (uint8, dy's shape), so that x is not read at all."""
     if not (x.flags.c_contiguous and dy.flags.c_contiguous and idx.flags.c_contiguous
-            and pp.stride_h > pp.dil_h * (pp.R - 1) and pp.stride_w > pp.dil_w * (pp.S - 1)
+            and pp.disjoint_windows
             and _threads.parts(pp.N, pp.N * pp.C * pp.H * pp.W) is None):
         return None
-    nc, plane = pp.N * pp.C, pp.H * pp.W
-    flat = _scratch("pool_flat", (nc, pp.P * pp.Q), np.int64)
-    np.add(idx.reshape(nc, -1), _plane_offsets(nc, plane), out=flat)
-    flat = flat.reshape(-1)
+    flat = _pool_flat_index(pp, idx)
     if winners_mask is not None and winners_mask.shape == dy.shape \
             and winners_mask.dtype == np.uint8 and winners_mask.flags.c_contiguous:
         mask = winners_mask.reshape(-1)
@@ -1120,14 +1117,20 @@ def relu_pool_dgrad(pp: PoolProblem, x, dy, idx, winners_mask=None):
         xw = np.take(x.reshape(-1), flat, out=_scratch("relu_pool_x", flat.shape, x.dtype))
         mask = np.less_equal(xw, 0, out=_scratch("relu_pool_mask", flat.shape, np.bool_))
         mask = np.logical_not(mask, out=mask).view(np.uint8)
-    with np.errstate(invalid="ignore"):
-        vals = np.multiply(dy.reshape(-1), mask, dtype=dy.dtype,
-                           out=_scratch("relu_pool_v", flat.shape, dy.dtype))
-    if not np.isfinite(vals).all():
-        vals[...] = np.where(mask == 0, x.dtype.type(0), dy.reshape(-1))
-    dx = _mem.zeros(nc * plane, dy.dtype)
+    vals = _times_relu_mask(dy.reshape(-1), mask,
+                            _scratch("relu_pool_v", flat.shape, dy.dtype))
+    dx = _mem.zeros(pp.N * pp.C * pp.H * pp.W, dy.dtype)
     dx[flat] = vals
     return dx.reshape(pp.x_shape)
+
+
+def _pool_flat_index(pp: PoolProblem, idx):
+    """The pooling indices (h*W + w within each plane) as flat indices into the whole input,
+    (N*C*P*Q,) int64 in the "pool_flat" scratch buffer."""
+    nc = pp.N * pp.C
+    flat = _scratch("pool_flat", (nc, pp.P * pp.Q), np.int64)
+    np.add(idx.reshape(nc, -1), _plane_offsets(nc, pp.H * pp.W), out=flat)
+    return flat.reshape(-1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1141,10 +1144,8 @@ def _plane_offsets(nc, plane):
 def _pool_dgrad(pp, dy, idx, out=None):
     nc = pp.N * pp.C
     plane = pp.H * pp.W
-    flat = _scratch("pool_flat", (nc, pp.P * pp.Q), np.int64)
-    np.add(idx.reshape(nc, -1), _plane_offsets(nc, plane), out=flat)
-    flat = flat.reshape(-1)
-    if pp.stride_h > pp.dil_h * (pp.R - 1) and pp.stride_w > pp.dil_w * (pp.S - 1):
+    flat = _pool_flat_index(pp, idx)
+    if pp.disjoint_windows:
         if out is None:
             dx = _mem.zeros(nc * plane, dy.dtype)
         else:
@@ -1223,10 +1224,16 @@ def _relu_dgrad(x, dy, out=None):
             np.empty_like(x, dtype=np.bool_))  # (x's layout: channels_last stays so)
     np.less_equal(x, 0, out=mask)
     np.logical_not(mask, out=mask)
+    return _times_relu_mask(dy, mask.view(np.uint8), out)
+
+
+def _times_relu_mask(dy, mask, out=None):
+    """dy * mask for ReLU's uint8 mask ~(x <= 0) (the uint8 multiply: see _relu_dgrad), with
+    the rare non-finite dy where the mask is 0 set to 0 as PyTorch does (inf * 0 is NaN)."""
     with np.errstate(invalid="ignore"):
-        dx = np.multiply(dy, mask.view(np.uint8), dtype=dy.dtype, out=out)
+        dx = np.multiply(dy, mask, dtype=dy.dtype, out=out)
     if not np.isfinite(dx).all():
-        dx[...] = np.where(x <= 0, x.dtype.type(0), dy)
+        dx[...] = np.where(mask == 0, dy.dtype.type(0), dy)
     return dx
 
 

@@ -304,7 +304,7 @@ def pool_dgrad(pp: PoolProblem, dy, idx):
     n, c, plane = pp.N, pp.C, pp.H * pp.W
     flat = ((ih.reshape(n, -1, c) + (np.arange(n) * plane)[:, None, None]) * c
             + np.arange(c)).ravel()
-    if pp.stride_h > pp.dil_h * (pp.R - 1) and pp.stride_w > pp.dil_w * (pp.S - 1):
+    if pp.disjoint_windows:
         dx = np.zeros(n * plane * c, dy.dtype)
         dx[flat] = dyh.reshape(-1)
     else:
