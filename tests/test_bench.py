@@ -20,7 +20,7 @@ except Exception:
 # Two tiny layers (one grouped with stride 2), every op, two dtypes; few samples, short budgets.
 TINY = ["--shape", "2,3,9,9,4,3,3,1,1", "--shape", "2,4,8,8,6,3,3,2,1,1,2",
         "--op", "all", "--dtype", "float32,float64", "--min-samples", "2",
-        "--max-samples", "3", "--max-time-per-case", "0.01", "--settle-ms", "1",
+        "--max-samples", "3", "--max-time-per-case", "0.01", "--settle-ms", "1", "--wake-ms", "0",
         "--threads", "1", "--quiet"]
 
 RESULT_KEYS = {"suite", "layer", "op", "dtype", "batch", "problem", "flops", "bytes", "backend",
@@ -359,3 +359,21 @@ def test_cpu_kit_counts_page_faults_and_the_table_names_them():
         r.update(problem="p", rel_err=0.0, input_sets=1, page_faults=f)
     text = "\n".join(report.case_block(rows))
     assert text.count("page faults a call") == 1 and "10,553" in text
+
+
+def test_wake_calls_until_its_time_is_up_and_at_least_once(monkeypatch):
+    """The untimed calls after a settle pause: one even with no time, and enough to fill the
+    time (here a fake clock, advanced 30 ms by each call)."""
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    calls = []
+
+    def call():
+        calls.append(now[0])
+        now[0] += 0.03
+
+    timing.wake(call, 0.0)
+    assert len(calls) == 1
+    calls.clear()
+    timing.wake(call, 0.1)
+    assert len(calls) == 4  # 0, 30, 60, 90 ms: the fourth ends past 0.1 s

@@ -386,6 +386,36 @@ def test_depthwise_flat_windows_and_tap_windows_match_naive(case, flat, monkeypa
     assert bool(taken) == (flat and kw.get("stride", 1) == 1)
 
 
+_SAME_WIDTH = [
+    ("dw3x3", (2, 5, 8, 7), (5, 1, 3, 3), dict(groups=5, padding=1)),
+    ("dw_same_even", (2, 3, 7, 6), (3, 1, 4, 2), dict(groups=3, padding="same")),
+    ("dw_dil2_same", (2, 3, 9, 8), (3, 1, 3, 3), dict(groups=3, dilation=2, padding=2)),
+    ("dw_mult2_same", (2, 2, 7, 5), (4, 1, 3, 3), dict(groups=2, padding=1)),
+    ("dw5x5_rows_narrower_than_pad", (2, 3, 6, 2), (3, 1, 5, 5), dict(groups=3, padding=2)),
+    ("dw1x3_one_row", (3, 2, 1, 9), (2, 1, 1, 3), dict(groups=2, padding=(0, 1))),
+]
+
+
+@pytest.mark.parametrize("case", _SAME_WIDTH, ids=[c[0] for c in _SAME_WIDTH])
+def test_depthwise_same_width_windows_match_naive(case, monkeypatch):
+    """Stride-1 depthwise layers whose output is as wide as the input: the tap windows from flat
+    planes with zero fronts and backs, the wrapped columns zeroed (_same_width_windows), in
+    fprop, the mirrored-kernel dgrad and wgrad, against naive loops; the path is proven taken."""
+    from gpuconv.engines import numpy_engine
+    taken = []
+    real = numpy_engine._same_width_windows
+    monkeypatch.setattr(numpy_engine, "_same_width_windows",
+                        lambda *a: taken.append(1) or real(*a))
+    name, x_shape, w_shape, kw = case
+    p = _problem(x_shape, w_shape, kw)
+    assert p.Q == p.W and p.is_depthwise
+    for op in ("fprop", "dgrad", "wgrad"):
+        taken.clear()
+        _assert_matches_naive(x_shape, w_shape, kw, seed=23, ops=(op,))
+        # (dgrad by the mirrored-kernel fprop needs one kernel per channel)
+        assert bool(taken) == (op != "dgrad" or p.Kg == 1), op
+
+
 @pytest.mark.parametrize("case", PROBLEMS, ids=IDS)
 @pytest.mark.parametrize("max_q", [0, 10 ** 6])  # strided copies / one gather everywhere
 def test_im2col_by_gather_and_by_copies_match_naive(case, max_q, monkeypatch):

@@ -19,7 +19,7 @@ def test_torch_bridge_runs_checked_and_timed(tmp_path, monkeypatch):
     rc = cli.main(["--shape", "2,4,8,8,6,3,3,2,1,1,2", "--op", "all", "--dtype",
                    "float32,float64", "--backend", "numpy,torch-bridge,torch-bridge-cuda",
                    "--min-samples", "2", "--max-samples", "3", "--max-time-per-case", "0.01",
-                   "--settle-ms", "1", "--threads", "1", "--quiet", "--json", str(out)])
+                   "--settle-ms", "1", "--wake-ms", "0", "--threads", "1", "--quiet", "--json", str(out)])
     doc = json.loads(out.read_text())
     assert rc == 0
     rows = [r for r in doc["results"] if r["backend"] == "torch-bridge"]

@@ -16,7 +16,7 @@ except Exception:
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 
 TINY = ["train", "--batch", "4", "--min-samples", "2", "--max-samples", "2", "--max-time", "0",
-        "--warmup-ms", "0", "--settle-ms", "1", "--block", "1", "--profile-steps", "1",
+        "--warmup-ms", "0", "--settle-ms", "1", "--wake-ms", "0", "--block", "1", "--profile-steps", "1",
         "--threads", "1"]
 
 

@@ -84,6 +84,9 @@ def build_parser():
     tm.add_argument("--settle-ms", type=float, default=None,
                     help="pause before each CPU backend's turn, so the previous backend's "
                          "spinning thread pool sleeps (default 150; GPU backends never pause)")
+    tm.add_argument("--wake-ms", type=float, default=None,
+                    help="untimed calls after each settle pause, at least one, so the cores "
+                         "are awake when the timed samples start (default 100)")
     tm.add_argument("--input-sets", type=int, default=None,
                     help="input sets rotated between samples (default: enough to span 2x the "
                          "cache when one set fits in it, at most 8)")
@@ -130,7 +133,8 @@ def _timing_settings(args, gpu):
         max_samples=max(1, pick(args.max_samples, d.max_samples)),
         max_time=pick(args.max_time_per_case, d.max_time),
         block=max(1, pick(args.block, d.block)),
-        settle_s=pick(args.settle_ms, d.settle_s * 1e3) / 1e3)
+        settle_s=pick(args.settle_ms, d.settle_s * 1e3) / 1e3,
+        wake_s=pick(args.wake_ms, d.wake_s * 1e3) / 1e3)
 
 
 _threads = timing.thread_limits  # the benchmark's CPU thread limits (train uses them too)
@@ -225,7 +229,7 @@ def run(args, argv):
                        "cache": "cold" if ts.cold else "warm", "cache_bytes": cache, "warmup_s": ts.warmup_s,
                        "min_samples": ts.min_samples, "max_samples": ts.max_samples,
                        "max_time_per_case_s": ts.max_time, "block": ts.block,
-                       "settle_s": ts.settle_s, "input_sets": args.input_sets,
+                       "settle_s": ts.settle_s, "wake_s": ts.wake_s, "input_sets": args.input_sets,
                        "seed": args.seed, "reference": "NumPy engine, float64",
                        "tolerances": bk.TOLERANCE, "ratio_reference": ref}
     doc["roofline"] = {k: r.to_json() for k, r in roofs.items()}
@@ -268,7 +272,8 @@ def _print_header(doc, ready, roofs, settings, threads, cache):
           f"timing: batch {settings.batch}; warm cache (no flush)")
     print(f"  warm-up {t.warmup_s * 1e3:.0f} ms (>= 1 call); {t.min_samples}..{t.max_samples} "
           f"samples in interleaved rounds ({t.block} per backend per round"
-          + (f", {t.settle_s * 1e3:.0f} ms settle pause before each turn" if t.settle_s else "")
+          + (f", {t.settle_s * 1e3:.0f} ms settle pause and >= {t.wake_s * 1e3:.0f} ms of "
+             "untimed calls before each turn" if t.settle_s else "")
           + f"), up to {t.max_time:g} s per case; median, IQR; check: NumPy "
           f"engine in float64, rel. tolerances {bk.TOLERANCE}")
 

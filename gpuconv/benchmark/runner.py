@@ -184,8 +184,7 @@ def run_case(case, backends_, settings, cache_bytes, roofs, case_index=0):
     if runners:
         warm = timing.warm_up(runners, n_sets, settings.timing)
         faults = {}
-        samples = timing.sample(runners, n_sets, settings.timing,
-                                {n: w[1] for n, w in warm.items()}, faults)
+        samples = timing.sample(runners, n_sets, settings.timing, faults)
         for name, r in runners.items():
             row = by_name[name]
             st = timing.stats(samples[name])

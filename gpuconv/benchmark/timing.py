@@ -16,9 +16,15 @@
 * CPU only: the libraries' thread pools spin after a call (OpenBLAS's workers busy-wait ~0.1 s,
   libgomp's ~20 ms) and steal cores from whichever backend runs next. Measured on 2 cores,
   LeNet conv2 fprop: PyTorch 0.45 ms alone, 36 ms right after a NumPy call, 0.49 ms after a
-  0.1 s pause. So each CPU backend's turn in a round starts with a ``settle_s`` pause and one
-  untimed call (skipped for calls over 50 ms), then ``block`` timed samples. GPU backends need
+  0.1 s pause. So each CPU backend's turn in a round starts with a ``settle_s`` pause, then
+  untimed calls for ``wake_s`` (at least one), then ``block`` timed samples. GPU backends need
   no pause: their calls only enqueue work.
+* The calls after the pause are a wake-up, not one call: on the 2-vCPU Zen 3 VM of issue 11's
+  eighth session the first ~60-80 ms of work after a 0.15 s idle ran up to 1.8x slow (the split
+  3x3 depthwise fprop: 13.2, 13.4, 11.2, then 7.6 ms a call, against 7.2 with no pause; a
+  plain loop gives the 7.2), so one untimed call left the block's samples on cores still
+  waking. ``wake_s`` = 0.1 s of untimed calls (0.2: 6.0 ms) brings the samples to the plain
+  loop's level; both backends get the same.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ class TimingSettings:
     max_time: float = 2.0       # seconds per case, all backends together
     block: int = 1              # consecutive samples per backend per round
     settle_s: float = 0.15      # pause before a CPU backend's turn (its thread pool)
+    wake_s: float = 0.1         # untimed calls after the pause (at least one), CPU only
 
 
 CPU_DEFAULTS = TimingSettings(cold=True, warmup_s=0.0, min_samples=6, max_samples=60,
@@ -280,15 +287,22 @@ def warm_up(runners: dict, n_sets: int, settings: TimingSettings) -> dict:
     return calls
 
 
-def sample(runners: dict, n_sets: int, settings: TimingSettings, estimates=None,
-           faults=None) -> dict:
+def wake(call, seconds):
+    """Untimed calls after a settle pause, until `seconds` have passed (at least one): the
+    cores and this backend's thread pool are awake when the timed samples start."""
+    t0 = time.perf_counter()
+    call()
+    while time.perf_counter() - t0 < seconds:
+        call()
+
+
+def sample(runners: dict, n_sets: int, settings: TimingSettings, faults=None) -> dict:
     """Interleaved rounds; returns {backend name: [seconds per sample]}. With a dict `faults`,
     also fills faults[name] with each sample's minor page faults (CPU kits only)."""
     names = list(runners)
     out = {n: [] for n in names}
     if not names:
         return out
-    estimates = estimates or {}
     kits = [runners[n].kit for n in names]
     block = max(1, settings.block)
     t0 = time.perf_counter()
@@ -300,8 +314,7 @@ def sample(runners: dict, n_sets: int, settings: TimingSettings, estimates=None,
             r = runners[name]
             if settings.settle_s > 0 and r.kit.kind == "cpu" and len(names) > 1:
                 time.sleep(settings.settle_s)
-                if estimates.get(name, 0.0) < 0.05:
-                    r.run(rounds % n_sets)  # untimed: wakes this backend's thread pool
+                wake(lambda r=r: r.run(rounds % n_sets), settings.wake_s)
             for j in range(block):
                 i = (rounds * block + j) % n_sets
                 pending.append((name, r.kit.timed(lambda r=r, i=i: r.run(i), settings.cold)))

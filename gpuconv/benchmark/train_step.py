@@ -294,8 +294,7 @@ def run_model(model_name, batch, settings, n_batches=4, profile_steps=5, seed=0)
     sides = {g.name: g, "torch-cpu": TorchSide(g.model, batches, kit)}
     warm = timing.warm_up(sides, n_batches, settings)
     faults = {}
-    samples = timing.sample(sides, n_batches, settings, {n: w[1] for n, w in warm.items()},
-                            faults)
+    samples = timing.sample(sides, n_batches, settings, faults)
     for name, s in samples.items():
         st = timing.stats(s)
         row[name] = dict(st, samples_s=s, unstable=timing.unstable(st),
@@ -310,7 +309,7 @@ def run_model(model_name, batch, settings, n_batches=4, profile_steps=5, seed=0)
         row["profile"] = {}
         for n, s in sides.items():
             time.sleep(settings.settle_s)  # the other side's thread pool falls asleep first
-            s.run(0)
+            timing.wake(lambda s=s: s.run(0), settings.wake_s)
             row["profile"][n] = s.profile(profile_steps)
     return row
 
@@ -376,7 +375,7 @@ def _iqr(st):
 
 TARGET = 1.5  # issue 11: each model's step <= 1.5x PyTorch CPU on 2 cores
 DEFAULTS = timing.TimingSettings(cold=False, warmup_s=0.3, min_samples=9, max_samples=60,
-                                 max_time=6.0, block=3, settle_s=0.15)
+                                 max_time=6.0, block=3, settle_s=0.15, wake_s=0.1)
 
 
 def build_parser():
@@ -401,6 +400,8 @@ def build_parser():
                     help="consecutive steps per side per round")
     ap.add_argument("--settle-ms", type=float, default=DEFAULTS.settle_s * 1e3,
                     help="pause before each side's turn (thread pools fall asleep)")
+    ap.add_argument("--wake-ms", type=float, default=DEFAULTS.wake_s * 1e3,
+                    help="untimed steps after the pause, at least one (the cores wake up)")
     ap.add_argument("--profile-steps", type=int, default=5,
                     help="steps of the per-layer profiling pass (0: none)")
     ap.add_argument("--seed", type=int, default=0)
@@ -425,14 +426,16 @@ def main(argv=None):
     ts = timing.TimingSettings(cold=False, warmup_s=args.warmup_ms / 1e3,
                                min_samples=max(1, args.min_samples),
                                max_samples=max(1, args.max_samples), max_time=args.max_time,
-                               block=max(1, args.block), settle_s=args.settle_ms / 1e3)
+                               block=max(1, args.block), settle_s=args.settle_ms / 1e3,
+                               wake_s=args.wake_ms / 1e3)
     threads = args.threads or os.cpu_count() or 1
     doc = {"schema": report.SCHEMA + "+train", "date": env.now(), "commit": env.git_commit(),
            "command": "gpuconv-bench train " + " ".join(argv), "machine": env.machine(),
            "versions": env.versions(), "threads": threads, "target": TARGET,
            "cpu_threads": cpu_threads.get_num_threads(),
            "settings": {k: getattr(ts, k) for k in ("warmup_s", "min_samples", "max_samples",
-                                                    "max_time", "block", "settle_s")}}
+                                                    "max_time", "block", "settle_s",
+                                                    "wake_s")}}
     m = doc["machine"]
     print(f"gpuconv-bench train {doc['date']}  commit {doc['commit']}\nmachine: {m['cpu']} "
           f"({m['cpu_count']} cores, {threads} threads); 1-min load average "

@@ -346,10 +346,14 @@ def _batch_chunks(p: ConvProblem, op, itemsize):
 
 
 def _split(p, elements):
-    """The batch parts for the thread pool (cpu_threads), or None. Depthwise layers stay whole:
-    split in two they ran 1.4-1.7x slower (the cpu-target suite's 3x3 depthwise on 144 channels,
-    2 threads: fprop 1.74 -> 3.04x PyTorch's time; its blocked tap windows are memory-bound)."""
-    return None if p.is_depthwise else _threads.parts(p.N, elements)
+    """The batch parts for the thread pool (cpu_threads), or None.
+
+    Depthwise layers split too. On the 2-core Intel machine of issue 11's sixth session split
+    depthwise layers ran 1.4-1.7x slower (fprop 1.74 -> 3.04x PyTorch's time in cpu-target, so
+    they were kept whole); on the 2-core Zen 3 of the eighth (private 512 KiB L2 a core) each
+    part's tap windows stay in its own core's cache, and the 3x3 depthwise on 144 x 56 x 56 at
+    batch 8 ran fprop 0.64x, dgrad 0.61x, wgrad 0.89x of the unsplit time (paired calls)."""
+    return _threads.parts(p.N, elements)
 
 
 def _over_batch(p, op, elements, shape, dtype, one):
@@ -514,11 +518,14 @@ def _fprop_depthwise(p: ConvProblem, x, w, bias, out=None):
             bias.reshape(1, p.groups, p.Kg, 1), (p.N, p.groups, p.Kg, 1))).reshape(
             p.N * p.groups, p.Kg, 1)
         for b0, b1, cb, wp in _flat_windows(p, planes):
-            if ye is None:
-                ye = np.empty((min(32, len(planes)), p.Kg, p.P, wp), x.dtype)
             n = b1 - b0
-            np.matmul(rows[b0:b1], cb, out=ye[:n].reshape(n, p.Kg, p.P * wp))
-            np.copyto(yb[b0:b1], ye[:n, :, :, :p.Q])  # the garbage columns dropped
+            if wp == p.Q:  # (Q == W: col is the tap windows themselves)
+                np.matmul(rows[b0:b1], cb, out=y[b0:b1])
+            else:
+                if ye is None:
+                    ye = np.empty((min(32, len(planes)), p.Kg, p.P, wp), x.dtype)
+                np.matmul(rows[b0:b1], cb, out=ye[:n].reshape(n, p.Kg, p.P * wp))
+                np.copyto(yb[b0:b1], ye[:n, :, :, :p.Q])  # the garbage columns dropped
             if bias is not None:  # (while the block is in cache)
                 y[b0:b1] += bias_rows[b0:b1]
         return y.reshape(p.y_shape)
@@ -540,11 +547,19 @@ def _valid_range(d, stride, size, out):
 
 def _flat_windows(p: ConvProblem, planes, block=32):
     """Stride 1: yield (b0, b1, col, wp), col[b, r*S + s, i*wp + j] = xpad[b0 + b, i + r*dil_h,
-    j + s*dil_w] for the zero-padded planes xpad of row width wp: outputs on rows as wide as
-    the padded planes, so that each tap of a plane is ONE contiguous run of P*wp elements of
-    the flat padded plane, and a block's taps one strided copy (columns j >= Q are garbage the
-    caller drops). _windows instead copies P rows of Q per tap and plane: depthwise 3x3 over
-    144 x 56 x 56 planes at batch 8, 2 threads: fprop 7.8 -> 6.4 ms, wgrad 8.0 -> 6.6 ms."""
+    j + s*dil_w] for the zero-padded planes xpad: outputs on rows wp wide, so that each tap of a
+    plane is ONE contiguous run of P*wp elements of a flat plane, and a block's taps one strided
+    copy. _windows instead copies P rows of Q per tap and plane.
+
+    Where the output is as wide as the input (Q == W: 'same' padding), wp = W = Q and the planes
+    are copied whole, as flat runs with zeros before and after for the vertical padding
+    (_same_width_windows): col is then exactly the tap windows, and the caller's GEMM writes y
+    in place. Otherwise the planes are zero-padded to rows of wp = W + pad_w + pad_w_end, and the
+    columns j >= Q of col are garbage the caller drops. Depthwise 3x3 over 144 x 56 x 56 planes
+    at batch 8, one thread: padded rows 6.4 ms fprop, 6.6 wgrad (7.8 / 8.0 by _windows)."""
+    if p.Q == p.W:
+        yield from _same_width_windows(p, planes, block)
+        return
     nb = planes.shape[0]
     hp, wp = p.H + p.pad_h + p.pad_h_end, p.W + p.pad_w + p.pad_w_end
     L = p.P * wp
@@ -561,6 +576,43 @@ def _flat_windows(p: ConvProblem, planes, block=32):
         np.copyto(col[:n], _strided(buf, shape=(n, p.R, p.S, L), strides=(
             hp * wp * it, p.dil_h * wp * it, p.dil_w * it, it)))
         yield b0, b1, col[:n].reshape(n, p.R * p.S, L), wp
+
+
+def _same_width_windows(p: ConvProblem, planes, block):
+    """_flat_windows for Q == W (stride 1). Each plane sits in a flat slot of
+    front + H*W + back elements, front = pad_h*W + pad_w and back = pad_h_end*W + pad_w_end zeros
+    (written once: the copies only fill the middle). Output (i, j) of tap (r, s) reads slot
+    element i*W + j + r*dil_h*W + s*dil_w, which is the padded input's (i + r*dil_h, j + s*dil_w)
+    wherever that column lies inside the row; a column outside it (j + s*dil_w - pad_w < 0 or
+    >= W) wraps to the neighbouring row, so those entries of col are set to 0 after the copy,
+    exactly the padding's zeros. Rows above or below the plane land in the zero front and back.
+    No padded rows to copy and no garbage columns to drop: 3x3 over 144 x 56 x 56 planes at
+    batch 8, one thread, paired calls (median/min): fprop 8.47/8.10 -> 8.13/7.85 ms, dgrad
+    8.97/8.37 -> 8.61/7.99, wgrad 9.11/8.37 -> 8.15/7.68 (fprop and dgrad bit-identical). The tap
+    copy (4 ms) and the per-plane GEMVs (3.8 ms) are what is left."""
+    nb, hw, pq = planes.shape[0], p.H * p.W, p.P * p.Q
+    front = p.pad_h * p.W + p.pad_w
+    slot = front + hw + p.pad_h_end * p.W + p.pad_w_end
+    n0 = min(block, nb)
+    buf = np.zeros((n0, slot), planes.dtype)
+    col = np.empty((n0, p.R, p.S, pq), planes.dtype)
+    it = buf.itemsize
+    flat = planes.reshape(nb, hw)
+    wraps = []  # (s, columns of the output that tap column s must not read)
+    for s in range(p.S):
+        ow = s * p.dil_w - p.pad_w
+        cut = slice(0, min(p.Q, -ow)) if ow < 0 else slice(max(0, p.W - ow), p.Q)
+        if cut.start < cut.stop:  # (one column by an int: a 1-D strided loop, 6x faster)
+            wraps.append((s, cut.start if cut.stop - cut.start == 1 else cut))
+    for b0 in range(0, nb, block):
+        b1 = min(nb, b0 + block)
+        n = b1 - b0
+        buf[:n, front:front + hw] = flat[b0:b1]
+        np.copyto(col[:n], _strided(buf, shape=(n, p.R, p.S, pq), strides=(
+            slot * it, p.dil_h * p.W * it, p.dil_w * it, it)))
+        for s, cut in wraps:
+            col[:n, :, s].reshape(n * p.R, p.P, p.Q)[:, :, cut] = 0
+        yield b0, b1, col[:n].reshape(n, p.R * p.S, pq), p.Q
 
 
 def _windows(planes, taps, out_h, out_w, sh=1, sw=1, block=32):
@@ -696,9 +748,12 @@ def _wgrad_depthwise(p: ConvProblem, x, dy):
         dyb = dy.reshape(p.N * p.groups, p.Kg, p.P, p.Q)
         dye = None
         for b0, b1, cb, wp in _flat_windows(p, planes):
+            n = b1 - b0
+            if wp == p.Q:
+                np.matmul(cb, dyt[b0:b1], out=part[b0:b1])
+                continue
             if dye is None:
                 dye = np.zeros((min(32, len(planes)), p.Kg, p.P, wp), dy.dtype)
-            n = b1 - b0
             np.copyto(dye[:n, :, :, :p.Q], dyb[b0:b1])
             np.matmul(cb, dye[:n].reshape(n, p.Kg, p.P * wp).transpose(0, 2, 1),
                       out=part[b0:b1])
