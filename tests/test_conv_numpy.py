@@ -336,6 +336,20 @@ def test_fprop_split_taps_matches_naive(case, one_gemm_flops, monkeypatch):
     assert bool(taken) == (not name.startswith(("depthwise", "pointwise")))
 
 
+@pytest.mark.parametrize("small_kernels", [True, False])
+def test_wgrad_split_taps_policy_follows_the_blas_small_gemm_kernels(small_kernels, monkeypatch):
+    """A first layer of few column-matrix rows takes the split-tap wgrad (hundreds of tiny
+    GEMMs) only when the BLAS has small-matrix kernels; larger layers do either way."""
+    from gpuconv.engines import cpu_threads, numpy_engine
+    monkeypatch.setattr(cpu_threads, "_small_gemm", small_kernels)
+    first = ConvProblem(64, 1, 32, 32, 6, 5, 5)  # LeNet's conv(1->6, 5x5): 25 rows
+    second = ConvProblem(64, 6, 14, 14, 16, 5, 5)  # 150 rows
+    assert numpy_engine.WGRAD_SPLIT_TAPS(first) == small_kernels
+    assert numpy_engine.WGRAD_SPLIT_TAPS(second)
+    monkeypatch.setattr(cpu_threads, "_small_gemm", None)  # asked of threadpoolctl again
+    assert cpu_threads.blas_small_gemm_kernels() in (True, False)
+
+
 @pytest.mark.parametrize("case", [c for c in PROBLEMS if c[3].get("stride", 1) in (1, (1, 2))],
                          ids=[c[0] for c in PROBLEMS if c[3].get("stride", 1) in (1, (1, 2))])
 def test_wgrad_split_taps_matches_naive(case, monkeypatch):

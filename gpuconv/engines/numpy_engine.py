@@ -89,7 +89,16 @@ def WGRAD_SPLIT_TAPS(p):  # noqa: N802  (a module-level switch tests and benchma
     LeNet-5's conv(6->16, 5x5) at batch 64 1.93 -> 0.57 ms and its conv(1->6) 0.62 -> 0.30
     ms, gpuconv-train's conv2 0.67 -> 0.19 ms, MNIST's conv(32->64) 6.0 -> 5.4 ms; at batch
     8, ResNet-50's 3x3 on 64 channels 17.1 -> 14.9 ms, AlexNet's conv2 23.8 -> 23.0 ms,
-    VGG-16's conv3_1 92.9 -> 91.0 ms."""
+    VGG-16's conv3_1 92.9 -> 91.0 ms.
+
+    Not for a layer of few column-matrix rows (Cg*R*S <= SMALL_WGRAD_ROWS: a C = 1 first layer)
+    unless the BLAS has small-matrix kernels (cpu_threads.blas_small_gemm_kernels): its N*R
+    GEMMs are tiny (LeNet's conv(1->6, 5x5): 320 of 5 x 784 x 6), and on the Zen 3 with
+    OpenBLAS's Haswell kernels (2 threads, batch 64, paired calls) the per-image GEMMs over the
+    column matrix beat them: LeNet-5's conv(1->6, 5x5) 1.75 -> 1.13 ms, MNIST's conv(1->32, 3x3)
+    2.46 -> 1.13 ms, gpuconv-train's conv(1->16, 3x3) on 8x8 at batch 32 93 -> 71 us."""
+    if p.Cg * p.R * p.S <= SMALL_WGRAD_ROWS and not _threads.blas_small_gemm_kernels():
+        return False
     return p.stride_h == 1 and p.P * p.Q <= 4096
 
 
