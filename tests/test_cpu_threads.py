@@ -363,24 +363,3 @@ def test_a_forked_child_reads_the_environment_again(monkeypatch):
         assert ct.get_num_threads() == 1  # the parent keeps its reading
     finally:
         ct.set_num_threads(None)
-
-
-def test_unthreaded_parts_split_by_default_and_obey_an_explicit_count(monkeypatch):
-    """Ops the BLAS does not thread (depthwise) split over the cores with the count left at its
-    default, stay whole at an explicit 1, and follow an explicit count otherwise."""
-    monkeypatch.delenv("GPUCONV_CPU_THREADS", raising=False)
-    monkeypatch.setattr(ct, "_cores_seen", 2)
-    ct.set_num_threads(None)
-    try:
-        assert ct.get_num_threads() == 1 and ct.parts(8, 1 << 30) is None  # the pool is off
-        assert ct.unthreaded_parts(8, 1 << 30) == [(0, 4), (4, 8)]
-        assert ct.unthreaded_parts(8, 10) is None  # too small to split
-        monkeypatch.setenv("GPUCONV_CPU_THREADS", "1")
-        ct.set_num_threads(None)
-        assert ct.unthreaded_parts(8, 1 << 30) is None
-        ct.set_num_threads(2)
-        assert ct.unthreaded_parts(8, 1 << 30) == [(0, 4), (4, 8)]
-        ct.set_num_threads(1)
-        assert ct.unthreaded_parts(8, 1 << 30) is None
-    finally:
-        ct.set_num_threads(None)

@@ -11,9 +11,7 @@ each starting T BLAS threads would oversubscribe the cores) and restored after.
 Off by default (T = 1): on the 2-vCPU machine this was measured on, the split made whole
 training steps faster in some runs and slower in others (see bench/NOTES.md, issue 11), so it
 is not turned on for everyone. ``set_num_threads(n)`` or ``GPUCONV_CPU_THREADS=n`` turns it on
-(never more threads than the cores this process may run on). One exception by default: ops the
-BLAS does not thread at all (the depthwise convolutions, see unthreaded_parts) split over the
-cores unless the thread count is set to 1 explicitly.
+(never more threads than the cores this process may run on).
 
 Results are deterministic: the parts are fixed by (batch, T), each part is computed by one thread
 with single-threaded BLAS, and reductions over parts (the weight gradient) add the partial sums
@@ -56,14 +54,8 @@ def set_num_threads(n) -> None:
 
 def get_num_threads() -> int:
     """The number of parts a large op is split into now (1: no split)."""
-    n = _configured()
-    return 1 if n <= 1 else max(1, min(n, _cores()))
-
-
-def _configured():
-    """The thread count asked for: set_num_threads's, else GPUCONV_CPU_THREADS's, 0 if neither
-    (the default: no pool, except for unthreaded_parts)."""
-    return _num_threads if _num_threads is not None else _env_threads()
+    n = _num_threads if _num_threads is not None else _env_threads()
+    return 1 if n == 1 else max(1, min(n, _cores()))
 
 
 _env_seen = None  # GPUCONV_CPU_THREADS parsed; reset in a forked child
@@ -82,7 +74,7 @@ def _env_threads():
 def _parse_env_threads():
     v = os.environ.get("GPUCONV_CPU_THREADS", "").strip()
     if not v:
-        return 0
+        return 1
     try:
         n = int(v)
     except ValueError:
@@ -244,13 +236,13 @@ def _queues(n):
     return _pool[1]
 
 
-def parts(n, elements, threads=None):
-    """Contiguous [a, b) ranges splitting range(n) into get_num_threads() (or `threads`)
-    near-equal parts, or None when the op should not be split (one thread, n < 2, or parts
-    below MIN_ELEMENTS, where `elements` is the op's size over all n)."""
+def parts(n, elements):
+    """Contiguous [a, b) ranges splitting range(n) into get_num_threads() near-equal parts, or
+    None when the op should not be split (one thread, n < 2, or parts below MIN_ELEMENTS, where
+    `elements` is the op's size over all n)."""
     if n < 2 or getattr(_state, "busy", False):
         return None
-    t = min(get_num_threads() if threads is None else threads, n)
+    t = min(get_num_threads(), n)
     if t < 2:
         return None
     t = min(t, int(elements // max(1, MIN_ELEMENTS)))
@@ -259,21 +251,6 @@ def parts(n, elements, threads=None):
     q, r = divmod(n, t)
     bounds = [i * q + min(i, r) for i in range(t + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
-
-
-def unthreaded_parts(n, elements):
-    """parts() for an op the BLAS does not thread (the depthwise convolutions: copies and
-    per-plane GEMVs, on one core otherwise): with the thread count left at its default, one
-    part per core (at most UNTHREADED_MAX) even though the pool is off for everything else;
-    GPUCONV_CPU_THREADS=1 or set_num_threads(1) keeps these whole too. On the 2-core Zen 3 of
-    issue 11's eighth session, cpu-target's 3x3 depthwise on 144 x 56 x 56 at batch 8: fprop
-    10.8-11.0 -> 6.6 ms, dgrad 9.7-9.9 -> 6.3-6.6 ms (median, gpuconv-bench)."""
-    if _configured() != 0:
-        return parts(n, elements)
-    return parts(n, elements, threads=min(_cores(), UNTHREADED_MAX))
-
-
-UNTHREADED_MAX = 8
 
 
 def run(fn, ranges):

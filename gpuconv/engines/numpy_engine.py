@@ -355,16 +355,13 @@ def _batch_chunks(p: ConvProblem, op, itemsize):
 
 
 def _split(p, elements):
-    """The batch parts for the thread pool (cpu_threads), or None. Depthwise layers, which the
-    BLAS does not thread, are split over the cores even with the pool off by default
-    (cpu_threads.unthreaded_parts). On the 2-core Intel machine of issue 11's sixth session,
-    with the pool on, split depthwise layers timed 1.4-1.7x slower in cpu-target (fprop 1.74 ->
-    3.04x PyTorch's time), so they were kept whole; on the 2-core Zen 3 of the eighth, paired
-    calls gave fprop 0.64x, dgrad 0.61x, wgrad 0.89x of the unsplit time, and the benchmark,
-    once it let the cores wake after its settle pause (timing.wake), 0.6-0.65x on fprop and
-    dgrad. The Intel figure predates that fix to the method."""
-    if p.is_depthwise:
-        return _threads.unthreaded_parts(p.N, elements)
+    """The batch parts for the thread pool (cpu_threads), or None.
+
+    Depthwise layers split too. On the 2-core Intel machine of issue 11's sixth session split
+    depthwise layers ran 1.4-1.7x slower (fprop 1.74 -> 3.04x PyTorch's time in cpu-target, so
+    they were kept whole); on the 2-core Zen 3 of the eighth (private 512 KiB L2 a core) each
+    part's tap windows stay in its own core's cache, and the 3x3 depthwise on 144 x 56 x 56 at
+    batch 8 ran fprop 0.64x, dgrad 0.61x, wgrad 0.89x of the unsplit time (paired calls)."""
     return _threads.parts(p.N, elements)
 
 
