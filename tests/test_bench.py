@@ -84,6 +84,8 @@ def test_cpu_run_end_to_end_json_schema(tmp_path, capsys):
     assert doc["machine"]["cpu_count"] >= 1 and "numpy" in doc["versions"]
     assert doc["roofline"]["cpu"]["source"].startswith("measured")
     assert doc["settings"]["batch"] == 8  # CPU default (the --shape N=2 overrides it per layer)
+    assert doc["settings"]["cpu_threads"] >= 1 and doc["settings"]["wake_s"] == 0.0
+    assert "gpuconv CPU threads:" in text
     if doc["machine"]["gpu"] is None:
         assert "No GPU here" in text
     n_backends = len(CPU_BACKENDS.split(","))

@@ -22,6 +22,7 @@ from . import backends as bk
 from . import compare as compare_mod
 from . import env, report, roofline, runner, suites, timing
 from . import plot as plot_mod
+from ..engines import cpu_threads
 
 
 def _csv(s):
@@ -226,6 +227,7 @@ def run(args, argv):
         more = f" and {len(what) - 4} more" if len(what) > 4 else ""
         print(f"not run: {name} on {', '.join(what[:4])}{more}: {why}")
     doc["settings"] = {"batch": batch, "ops": ops, "dtypes": args.dtype, "threads": threads,
+                       "cpu_threads": cpu_threads.get_num_threads(),
                        "cache": "cold" if ts.cold else "warm", "cache_bytes": cache, "warmup_s": ts.warmup_s,
                        "min_samples": ts.min_samples, "max_samples": ts.max_samples,
                        "max_time_per_case_s": ts.max_time, "block": ts.block,
@@ -252,7 +254,8 @@ def _print_header(doc, ready, roofs, settings, threads, cache):
     print(f"gpuconv-bench {doc['date']}  commit {doc['commit']}")
     print(f"machine: {m['cpu']} ({m['cpu_count']} cores, {threads} threads used)"
           + (f"; GPU {gpu.get('name')} driver {gpu.get('driver')}" if gpu else "; no GPU"))
-    print(f"NumPy's BLAS: {env.blas_line(v)}")
+    print(f"NumPy's BLAS: {env.blas_line(v)}; gpuconv CPU threads: "
+          f"{cpu_threads.get_num_threads()} (GPUCONV_CPU_THREADS)")
     load = m.get("load_average_1min")
     if load is not None and load > 0.25 * (m["cpu_count"] or 1):
         print(f"WARNING: load average {load:.2f} on {m['cpu_count']} cores: other processes "
