@@ -658,12 +658,13 @@ def bias_grad(dy):
     n, k, h, w = dy.shape
     if dy.size == 0:
         return dy.sum(axis=(0, 2, 3))
-    if dy.flags.c_contiguous:
-        ones = np.ones(h * w, dy.dtype)
-        return (dy.reshape(n * k, h * w) @ ones).reshape(n, k).sum(axis=0)
-    if memory_format(dy) == "nhwc":
-        ones = np.ones(n * h * w, dy.dtype)
-        return ones @ dy.transpose(0, 2, 3, 1).reshape(n * h * w, k)
+    with _threads.serial(n):  # (the GEMV on one BLAS thread while the pool is on, see serial)
+        if dy.flags.c_contiguous:
+            ones = np.ones(h * w, dy.dtype)
+            return (dy.reshape(n * k, h * w) @ ones).reshape(n, k).sum(axis=0)
+        if memory_format(dy) == "nhwc":
+            ones = np.ones(n * h * w, dy.dtype)
+            return ones @ dy.transpose(0, 2, 3, 1).reshape(n * h * w, k)
     return dy.sum(axis=(0, 2, 3))
 
 
