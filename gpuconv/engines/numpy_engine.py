@@ -357,11 +357,14 @@ def _batch_chunks(p: ConvProblem, op, itemsize):
 def _split(p, elements):
     """The batch parts for the thread pool (cpu_threads), or None.
 
-    Depthwise layers split too. On the 2-core Intel machine of issue 11's sixth session split
-    depthwise layers ran 1.4-1.7x slower (fprop 1.74 -> 3.04x PyTorch's time in cpu-target, so
-    they were kept whole); on the 2-core Zen 3 of the eighth (private 512 KiB L2 a core) each
-    part's tap windows stay in its own core's cache, and the 3x3 depthwise on 144 x 56 x 56 at
-    batch 8 ran fprop 0.64x, dgrad 0.61x, wgrad 0.89x of the unsplit time (paired calls)."""
+    Depthwise layers split too when the pool is on. On the 2-core Intel machine of issue 11's
+    sixth session they timed 1.4-1.7x slower split (cpu-target fprop 1.74 -> 3.04x PyTorch's
+    time, in a run before the benchmark let the cores wake after its settle pause), so they
+    were kept whole; on the 2-core Zen 3 of the eighth, paired calls gave fprop 0.64x, dgrad
+    0.61x, wgrad 0.89x of the unsplit time, and cpu-target with the pool on 3.2-3.3x -> 2.2-2.3x
+    PyTorch's fprop time. With the pool off nothing splits: right after a BLAS-threaded GEMM,
+    whose OpenBLAS worker spins ~0.1 s on the other core, a split depthwise fprop ran 10.8 ms
+    against 9.6 whole."""
     return _threads.parts(p.N, elements)
 
 
