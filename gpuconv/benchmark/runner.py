@@ -188,7 +188,7 @@ def run_case(case, backends_, settings, cache_bytes, roofs, case_index=0):
         for name, r in runners.items():
             row = by_name[name]
             st = timing.stats(samples[name])
-            row.update(samples_s=samples[name], warmup_calls=warm[name][0], **st,
+            row.update(samples_s=samples[name], warmup_calls=warm[name], **st,
                        iqr_frac=timing.iqr_fraction(st), unstable=timing.unstable(st),
                        page_faults=timing.median_faults(faults, name))
             try:

@@ -292,7 +292,7 @@ def run_model(model_name, batch, settings, n_batches=4, profile_steps=5, seed=0)
     kit = timing.CpuKit()
     g = GpuconvSide(build(np.random.default_rng(seed)), batches, kit)
     sides = {g.name: g, "torch-cpu": TorchSide(g.model, batches, kit)}
-    warm = timing.warm_up(sides, n_batches, settings)
+    timing.warm_up(sides, n_batches, settings)
     faults = {}
     samples = timing.sample(sides, n_batches, settings, faults)
     for name, s in samples.items():
